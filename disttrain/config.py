@@ -1,0 +1,423 @@
+"""Typed stage configs: one dataclass per stage, named presets, `key=value` overrides.
+
+A recipe calls `parse_cli(TrainClassifierConfig, sys.argv[1:])`. The result is a fully
+resolved, validated dataclass; every mistake a user can make on the command line
+(unknown key, wrong type, value outside its choices, an impossible combination) raises
+`ConfigError` naming the key and what is allowed, before anything is built.
+
+Checks that need the world size (global batch divisibility) live in
+`BatchConfig.check_world_size`, called by the runtime right after the process group
+exists and before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+REQUIRED = "???"  # a required string field that no preset filled in
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported before any compute starts."""
+
+
+# --------------------------------------------------------------------------- shared sections
+
+
+@dataclass
+class BatchConfig:
+    global_size: int = 32  # samples per optimizer step summed over all ranks (the paper's batch)
+    micro_size: int = 32  # samples per forward pass on one rank; accumulation fills the gap
+    reference_size: int = 0  # the batch optim.lr was tuned for (the paper's); 0 = global_size
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"  # how lr follows global_size / reference_size
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        self.check_world_size(world_size)
+        return self.global_size // (world_size * self.micro_size)
+
+    def check_world_size(self, world_size: int) -> None:
+        per_step = world_size * self.micro_size
+        if self.global_size % per_step:
+            fits = [m for m in range(1, self.global_size + 1) if self.global_size % (world_size * m) == 0]
+            raise ConfigError(
+                f"batch.global_size={self.global_size} is not divisible by world size {world_size} "
+                f"x batch.micro_size={self.micro_size} (= {per_step}); with {world_size} processes "
+                f"batch.micro_size must be one of {fits}"
+            )
+
+
+@dataclass
+class RuntimeConfig:
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"  # auto: what `accelerate launch` was told
+    deepspeed_config: str = ""  # JSON under recipes/deepspeed/; empty = zero{zero_stage}.json there
+    zero_stage: Literal[1, 2, 3] = 2
+    seed: int = 0
+    channels_last: bool = False
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    nonfinite: Literal["skip", "stop"] = "stop"  # what to do when a loss/grad is NaN or inf
+    max_skipped_steps: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
+    ema_decay: float = 0.0  # 0 disables the EMA of weights
+    log_every: int = 10  # optimizer steps between metric reductions / tracking writes
+    eval_every: int = 0  # optimizer steps between evals; 0 = once per epoch
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 disables step-based saves
+    every_minutes: float = 30.0  # 0 disables time-based saves
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | <path to a checkpoint dir>
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "disttrain"
+    run_name: str = ""  # empty: the stage name and the run dir's name
+    parent_run_id: str = ""  # the pipeline's parent run; also read from DISTTRAIN_PARENT_RUN_ID
+    enabled: bool = True
+
+
+# --------------------------------------------------------------------------- train_classifier
+
+
+@dataclass
+class ClassifierDataConfig:
+    root: str = REQUIRED  # a dataset dir with one shard folder + manifest.json per split
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: int = 448
+    resize_size: int = 512  # resize shorter side to this, then crop image_size
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # any timm model name
+    pretrained: bool = False
+    pretrained_file: str = ""  # local weights file; required when pretrained=true
+    drop_rate: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass
+class TrainLoopConfig:
+    num_epochs: int = 60
+    max_steps: int = 0  # >0 stops after this many optimizer steps (overrides num_epochs' end)
+
+
+@dataclass
+class TrainClassifierConfig:
+    run_dir: str = REQUIRED
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    STAGE: typing.ClassVar[str] = "train_classifier"
+
+    def validate(self) -> None:
+        if self.model.pretrained and not self.model.pretrained_file:
+            raise ConfigError(
+                "model.pretrained=true needs model.pretrained_file=<local weights file> "
+                "(weights are never downloaded at run time); or set model.pretrained=false"
+            )
+        if self.data.image_size > self.data.resize_size:
+            raise ConfigError(
+                f"data.image_size={self.data.image_size} is larger than data.resize_size="
+                f"{self.data.resize_size}: the crop must fit inside the resized image"
+            )
+        if self.train.num_epochs <= 0 and self.train.max_steps <= 0:
+            raise ConfigError("set train.num_epochs > 0 or train.max_steps > 0")
+
+
+# --------------------------------------------------------------------------- presets
+
+# Presets are override dicts applied on the dataclass defaults, by stage then by name.
+# Paper-scale presets follow mixupoe.txt App. D.1 (batch 32, cosine from 1e-3, 512 -> 448).
+_DEMO_CLASSIFIER = {
+    "run_dir": "runs/train_classifier/demo",
+    "data.root": "demo_data",
+    "data.image_size": 32,
+    "data.resize_size": 36,
+    "data.num_workers": 1,
+    "data.shuffle_buffer": 256,
+    "model.name": "resnet18",
+    "optim.lr": 0.05,
+    "optim.warmup_steps": 20,
+    "batch.global_size": 64,
+    "batch.micro_size": 32,
+    "train.num_epochs": 6,
+    "runtime.log_every": 10,
+    "checkpoint.every_minutes": 5.0,
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "train_classifier": {
+        "debug": {
+            **_DEMO_CLASSIFIER,
+            "run_dir": "runs/train_classifier/debug",
+            "data.image_size": 16,
+            "data.resize_size": 18,
+            "data.num_workers": 0,
+            "data.shuffle_buffer": 64,
+            "model.name": "resnet10t",
+            "batch.global_size": 16,
+            "batch.micro_size": 8,
+            "optim.warmup_steps": 0,
+            "train.num_epochs": 1,
+            "train.max_steps": 6,
+            "runtime.log_every": 2,
+            "runtime.progress_bar": False,
+            "checkpoint.every_minutes": 0.0,
+        },
+        "demo": _DEMO_CLASSIFIER,
+        **{
+            name: {"model.name": "resnet50", "model.pretrained": True, "train.num_epochs": epochs,
+                   "batch.global_size": 32, "batch.micro_size": 32, "batch.reference_size": 32,
+                   "runtime.precision": "bf16",
+                   "runtime.channels_last": True}
+            for name, epochs in {"bird": 60, "car": 60, "aircraft": 60, "flower": 30, "dog": 30}.items()
+        },
+    },
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) if isinstance(a, str) else str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list like [a,b] of {_describe(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, raw: Any, tp: Any) -> Any:
+    """Turn `raw` (a CLI string or a preset value) into a value of type `tp`, or raise."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        for choice in typing.get_args(tp):
+            try:
+                if _coerce(key, raw, type(choice)) == choice:
+                    return choice
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={raw!r} is not allowed: expected {_describe(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(raw, str):
+            text = raw.strip()
+            if not (text.startswith("[") and text.endswith("]")):
+                raise ConfigError(f"{key}={raw!r}: expected {_describe(tp)}")
+            raw = [part.strip() for part in text[1:-1].split(",") if part.strip()]
+        if not isinstance(raw, (list, tuple)):
+            raise ConfigError(f"{key}={raw!r}: expected {_describe(tp)}")
+        return [_coerce(f"{key}[{i}]", item, item_tp) for i, item in enumerate(raw)]
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return raw.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}={raw!r}: expected a bool (true/false)")
+    if tp is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}={raw!r}: expected an int")
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected an int") from None
+    if tp is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        try:
+            return float(str(raw))
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected a float") from None
+    if tp is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key}={raw!r}: expected a string")
+        return raw
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def keys_of(cls: type, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config dataclass."""
+    out = []
+    for name, tp in _field_types(cls).items():
+        if _is_dataclass_type(tp):
+            out += keys_of(tp, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def set_key(cfg: Any, key: str, raw: Any) -> None:
+    """Set a dotted key on a config instance, converting and checking the value."""
+    parts = key.split(".")
+    node, cls = cfg, type(cfg)
+    for depth, part in enumerate(parts):
+        types = _field_types(cls)
+        if part not in types:
+            where = ".".join(parts[:depth]) or "the top level"
+            allowed = ", ".join(sorted(types))
+            raise ConfigError(f"unknown config key {key!r}: {where} has {allowed}")
+        tp = types[part]
+        if depth == len(parts) - 1:
+            if _is_dataclass_type(tp):
+                raise ConfigError(f"{key!r} is a section; set one of its keys: {', '.join(keys_of(tp, key + '.'))}")
+            setattr(node, part, _coerce(key, raw, tp))
+            return
+        if not _is_dataclass_type(tp):
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])!r} is not a section, so {key!r} does not exist")
+        node, cls = getattr(node, part), tp
+
+
+def _check_required(cfg: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_required(value, f"{prefix}{f.name}.")
+        elif value == REQUIRED:
+            raise ConfigError(f"{prefix}{f.name} is required: pass {prefix}{f.name}=<value> or a --preset that sets it")
+
+
+def presets_for(cls: type) -> dict[str, dict[str, Any]]:
+    return PRESETS.get(cls.STAGE, {})
+
+
+def build(cls: type, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """Defaults, then the preset, then the overrides; then validation."""
+    cfg = cls()
+    if preset is not None:
+        presets = presets_for(cls)
+        if preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r} for {cls.STAGE}: choose one of {', '.join(presets)}")
+        for key, value in presets[preset].items():
+            set_key(cfg, key, value)
+    for key, value in (overrides or {}).items():
+        set_key(cfg, key, value)
+    _check_required(cfg)
+    _check_positive(cfg)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def _check_positive(cfg: Any) -> None:
+    batch = getattr(cfg, "batch", None)
+    if batch is not None:
+        for key in ("global_size", "micro_size"):
+            if getattr(batch, key) <= 0:
+                raise ConfigError(f"batch.{key}={getattr(batch, key)} must be > 0")
+    ckpt = getattr(cfg, "checkpoint", None)
+    if ckpt is not None and ckpt.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={ckpt.keep_last} must be >= 1")
+    runtime = getattr(cfg, "runtime", None)
+    if runtime is not None:
+        if runtime.log_every < 1:
+            raise ConfigError(f"runtime.log_every={runtime.log_every} must be >= 1")
+        if not 0.0 <= runtime.ema_decay < 1.0:
+            raise ConfigError(f"runtime.ema_decay={runtime.ema_decay} must be in [0, 1)")
+        if runtime.ema_decay and runtime.strategy in ("deepspeed", "fsdp") and (
+            runtime.strategy == "fsdp" or runtime.zero_stage == 3
+        ):
+            raise ConfigError(
+                "runtime.ema_decay > 0 needs whole parameters on every rank; it cannot be combined "
+                f"with runtime.strategy={runtime.strategy}"
+                + (" runtime.zero_stage=3" if runtime.strategy == "deepspeed" else "")
+                + ": use ddp or deepspeed with zero_stage 1 or 2"
+            )
+
+
+def parse_cli(cls: type, argv: list[str]) -> Any:
+    """`--preset NAME key=value ...` -> a validated config. `--help` lists presets and keys."""
+    preset, overrides = None, {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            raise SystemExit(usage(cls))
+        if arg == "--preset" or arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
+            continue
+        if arg.startswith("-") or "=" not in arg:
+            raise ConfigError(f"cannot read argument {arg!r}: expected --preset NAME or key=value")
+        key, value = arg.split("=", 1)
+        if key == "preset":
+            preset = value
+        else:
+            overrides[key] = value
+    return build(cls, preset, overrides)
+
+
+def usage(cls: type) -> str:
+    lines = [f"usage: accelerate launch recipes/{cls.STAGE}.py [--preset NAME] [key=value ...]",
+             f"presets: {', '.join(presets_for(cls))}", "keys:"]
+    flat = to_dict(cls())
+    lines += [f"  {key} = {flat[key]!r}" for key in keys_of(cls)]
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Flat {dotted.key: value}: the form MLflow params and the saved config use."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in to_dict(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def save(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"stage": cfg.STAGE, "config": to_dict(cfg)}, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load(cls: type, path: str | os.PathLike) -> Any:
+    """Read a config saved by `save` (e.g. from an earlier stage's run dir)."""
+    data = json.loads(Path(path).read_text())
+    if data.get("stage") != cls.STAGE:
+        raise ConfigError(f"{path} holds a {data.get('stage')!r} config, not {cls.STAGE!r}")
+    return build(cls, None, data["config"])
+
+

@@ -1,0 +1,25 @@
+"""Image transforms of the papers' recipes (torchvision v2)."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_normalized_tensor() -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def train_transform(image_size: int, resize_size: int) -> v2.Compose:
+    """mixupoe.txt App. D.1: resize to resize x resize, random crop image_size, horizontal flip."""
+    return v2.Compose([v2.Resize((resize_size, resize_size), antialias=True), v2.RandomCrop(image_size),
+                       v2.RandomHorizontalFlip(), *_to_normalized_tensor()])
+
+
+def eval_transform(image_size: int, resize_size: int) -> v2.Compose:
+    """Resize to resize x resize, centre crop image_size."""
+    return v2.Compose([v2.Resize((resize_size, resize_size), antialias=True), v2.CenterCrop(image_size),
+                       *_to_normalized_tensor()])

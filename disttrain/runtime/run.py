@@ -1,0 +1,294 @@
+"""A stage's run: accelerator, run dir, tracking, checkpoints, signals, seeds.
+
+    run = start_run(cfg)                 # process group, run dir, MLflow, config saved
+    model, opt = run.prepare(model, opt)  # wrap for DDP/FSDP/DeepSpeed; per-rank seeds
+    ... TrainLoop(run, ...).fit(...) ...
+    run.finish({"acc1": ...})            # status.json, summary, final artifacts
+
+The run dir is self-describing: `config.json`, `run.json` (stage, MLflow run id, world
+size), `status.json` (running / preempted / failed / finished), `checkpoints/`,
+`tracking/metrics.jsonl`, and what the stage produces (`model/`, tables, plots).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+
+from disttrain import config as config_lib
+from disttrain.config import ConfigError
+from disttrain.runtime.accel import build_accelerator, resolve_strategy
+from disttrain.runtime.checkpoint import Checkpointer, complete_checkpoints
+from disttrain.runtime.tracking import PARENT_ENV, NullTracker, Tracker
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: state saved, run the same command again to continue
+
+
+class StopRequested:
+    """Set by SIGTERM / SIGUSR1 (Slurm pre-emption); the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / "status.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Run:
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.stage = cfg.STAGE
+        self.accelerator = build_accelerator(cfg.runtime, cfg.batch)
+        self.strategy = resolve_strategy(cfg.runtime)
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.grad_accum_steps = cfg.batch.grad_accum_steps(self.world_size)
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self._prepare_run_dir()
+        self._save_config()
+        set_seed(cfg.runtime.seed)  # identical on every rank until `prepare`: same initial weights
+        self.checkpoints = Checkpointer(self.accelerator, self.run_dir, cfg.checkpoint.keep_last,
+                                        cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+        self.resume_from = self._resume_target()
+        self.stop = StopRequested()
+        self.tracker = self._start_tracking()
+        self._status("running")
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _prepare_run_dir(self) -> None:
+        if self.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / f".write-probe-{os.getpid()}"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as err:
+                raise ConfigError(f"run_dir={str(self.run_dir)!r} is not writable ({err.strerror}); "
+                                  f"pass run_dir=<a writable directory>") from None
+            has_state = complete_checkpoints(self.run_dir / "checkpoints") or (self.run_dir / "run.json").exists()
+            if has_state and self.cfg.checkpoint.resume == "never":
+                raise ConfigError(f"run_dir={str(self.run_dir)!r} already holds a run and checkpoint.resume=never "
+                                  f"would overwrite it; pick a new run_dir, or resume=auto to continue it")
+        self.accelerator.wait_for_everyone()
+
+    def _save_config(self) -> None:
+        if not self.is_main:
+            return
+        path = self.run_dir / "config.json"
+        if path.is_file():
+            before = json.loads(path.read_text()).get("config", {})
+            changed = {k: (before.get(k), v) for k, v in config_lib.to_dict(self.cfg).items() if before.get(k) != v}
+            if changed:
+                print(f"note: config differs from the one saved in {path} (kept as config.previous.json): "
+                      + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()), flush=True)
+                os.replace(path, self.run_dir / "config.previous.json")
+        config_lib.save(self.cfg, path)
+
+    def _resume_target(self) -> Path | None:
+        choice = self.cfg.checkpoint.resume
+        if choice == "never":
+            return None
+        if choice == "auto":
+            return self.checkpoints.latest()
+        path = Path(choice)
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.resume={choice!r}: no such checkpoint directory "
+                              f"(use auto, never, or a path like {self.run_dir}/checkpoints/step-00001000)")
+        return path
+
+    def _start_tracking(self) -> NullTracker:
+        if not self.is_main or not self.cfg.tracking.enabled:
+            return NullTracker()
+        info_path = self.run_dir / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        parent = self.cfg.tracking.parent_run_id or os.environ.get(PARENT_ENV, "")
+        resume_id = info.get("mlflow_run_id", "") if self.resume_from else ""
+        name = self.cfg.tracking.run_name or f"{self.stage}:{self.run_dir.name}"
+        tracker = Tracker(self.run_dir / "tracking", self.cfg.tracking.experiment, name, parent_run_id=parent,
+                          resume_run_id=resume_id, tags={"disttrain.stage": self.stage,
+                                                         "disttrain.run_dir": str(self.run_dir)})
+        if not tracker.online and resume_id:
+            tracker.run_id = resume_id
+        config_path = self.run_dir / "config.json"
+        params = {**config_lib.to_dict(self.cfg), "resolved.world_size": self.world_size,
+                  "resolved.grad_accum_steps": self.grad_accum_steps, "resolved.strategy": self.strategy}
+        if not resume_id:
+            tracker.log_params(params)
+        tracker.log_artifact(config_path)
+        info.update(stage=self.stage, mlflow_run_id=tracker.run_id, parent_run_id=parent,
+                    world_size=self.world_size, strategy=self.strategy, host=socket.gethostname(),
+                    tracking_uri=getattr(tracker, "uri", ""), started=info.get("started", time.time()))
+        _write_json(info_path, info)
+        return tracker
+
+    # -- training plumbing --------------------------------------------------------------------
+
+    def prepare(self, *objects: Any) -> Any:
+        """Wrap what trains (models, optimizers) for the strategy; frozen nets stay outside."""
+        out = self.accelerator.prepare(*objects)
+        set_seed(self.cfg.runtime.seed + 1000 * self.rank)  # from here on each rank has its own stream
+        return out
+
+    def register(self, *objects: Any) -> None:
+        """Objects with state_dict/load_state_dict that go into every checkpoint."""
+        for obj in objects:
+            if obj is not None:
+                self.accelerator.register_for_checkpointing(obj)
+
+    def resume(self) -> dict | None:
+        """Load the checkpoint chosen at start (after prepare/register); None for a fresh run."""
+        if self.resume_from is None:
+            return None
+        meta = self.checkpoints.load(self.resume_from)
+        self.print(f"resumed from {self.resume_from} (step {meta['step']})")
+        return meta
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step)
+
+    @property
+    def params_sharded(self) -> bool:
+        """True when every forward is a collective (FSDP, ZeRO-3): ranks must forward in lock-step."""
+        return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.cfg.runtime.zero_stage == 3)
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to run inference with: unwrapped unless its parameters are sharded."""
+        return model if self.params_sharded else self.accelerator.unwrap_model(model)
+
+    def eval_batches(self, loader: Any, most_batches: int, fn: Any) -> list[Any]:
+        """`fn(batch)` on every local batch, under no_grad and autocast; returns the outputs.
+
+        With sharded parameters a rank that runs out of batches repeats its last one (output
+        discarded) until every rank has done `most_batches` forwards.
+        """
+        outputs, last = [], None
+        with torch.no_grad(), self.accelerator.autocast():
+            for batch in loader:
+                outputs.append(fn(batch))
+                last = batch
+            if self.params_sharded and last is not None:
+                for _ in range(most_batches - len(outputs)):
+                    fn(last)
+        return outputs
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> bool:
+        if exc is not None and not isinstance(exc, SystemExit):
+            self.failed(exc)
+        return False
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _status(self, state: str, **extra: Any) -> None:
+        if self.is_main:
+            _write_json(self.run_dir / "status.json", {"state": state, "stage": self.stage,
+                                                       "time": time.time(), **extra})
+
+    def save_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(path, artifact_path)
+
+    def save_model(self, model: torch.nn.Module, ema: torch.nn.Module | None = None,
+                   info: dict[str, Any] | None = None) -> Path:
+        """Full (unsharded) weights into run_dir/model/ for the next stage; atomic like checkpoints."""
+        from safetensors.torch import save_file
+
+        state = self.accelerator.get_state_dict(model)  # a collective under ZeRO-3 / FSDP
+        out = self.run_dir / "model"
+        if self.is_main:
+            tmp = self.run_dir / ".tmp-model"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "model.safetensors")
+            if ema is not None:
+                ema_state = ema.module.state_dict()
+                save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
+            _write_json(tmp / "model.json", {**(info or {}), "stage": self.stage, "ema": ema is not None})
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+            self.tracker.log_artifact(out / "model.json", "model")
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        uri = getattr(self.tracker, "uri", "") or os.environ.get("MLFLOW_TRACKING_URI", "")
+        lines = [f"== {self.stage} finished =="]
+        lines += [f"  {key:<22} {value:.4f}" if isinstance(value, float) else f"  {key:<22} {value}"
+                  for key, value in summary.items()]
+        lines.append(f"  {'run dir':<22} {self.run_dir}")
+        if self.tracker.run_id:
+            lines.append(f"  {'MLflow run':<22} {self.tracker.run_id} ({uri})")
+            ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+            lines.append(f"  {'look at it':<22} {ui}")
+        self.print("\n".join(lines))
+
+    def finish(self, summary: dict[str, Any], step: int) -> None:
+        if self.is_main:
+            _write_json(self.run_dir / "summary.json", summary)
+            self.tracker.log_artifact(self.run_dir / "summary.json")
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        self._status("finished", **{**numbers, "step": step})
+        self.tracker.finish("FINISHED")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+    def preempted(self, step: int, checkpoint: Path) -> None:
+        """State is saved; leave with the exit code that tells a scheduler to run us again."""
+        self._status("preempted", step=step, checkpoint=str(checkpoint))
+        self.tracker.set_tags({"disttrain.preempted_at_step": str(step)})
+        self.tracker.finish("KILLED")
+        self.print(f"stopped by signal {self.stop.signal} at step {step}; checkpoint {checkpoint}; "
+                   f"run the same command again (checkpoint.resume=auto) to continue")
+        self.accelerator.wait_for_everyone()
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+    def failed(self, error: BaseException) -> None:
+        self._status("failed", error=f"{type(error).__name__}: {error}")
+        self.tracker.finish("FAILED")
+
+
+def start_run(cfg: Any) -> Run:
+    return Run(cfg)

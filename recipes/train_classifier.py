@@ -1,0 +1,109 @@
+"""Stage: train an image classifier (the "Standard" model of mixupoe.txt App. D.1).
+
+Cross-entropy on the ID training split, SGD with a cosine schedule, top-1 accuracy on
+the test split; any timm model, ImageNet-initialised from a local weights file.
+
+    accelerate launch --multi_gpu --num_processes 8 recipes/train_classifier.py --preset bird \
+        data.root=/data/shards/cub model.pretrained_file=/weights/resnet50.a1_in1k.safetensors
+    accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml recipes/train_classifier.py --preset bird ...
+    sbatch --nodes 2 slurm/train_classifier.sh --preset bird data.root=... model.pretrained_file=...
+
+Output (run_dir): model/ (weights + model.json for the next stage), checkpoints/,
+config.json, summary.json, tracking/ -- and the MLflow run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+
+from disttrain import config
+from disttrain.config import TrainClassifierConfig
+from disttrain.data.shards import ShardReader, ShardSplit, eval_loader
+from disttrain.data.transforms import eval_transform, train_transform
+from disttrain.models.classifier import build_classifier
+from disttrain.runtime import TrainLoop, entrypoint, start_run
+from disttrain.runtime.optim import build_optimizer, build_schedule
+
+
+def main(argv: list[str]) -> None:
+    cfg = config.parse_cli(TrainClassifierConfig, argv)
+    data = cfg.data
+    train_split = ShardSplit.open(Path(data.root) / data.train_split)  # data errors before any compute
+    test_split = ShardSplit.open(Path(data.root) / data.eval_split)
+
+    with start_run(cfg) as run:
+        # -- build ---------------------------------------------------------------------------
+        model = build_classifier(cfg.model, train_split.num_classes, data.image_size)
+        memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+        model = model.to(run.device, memory_format=memory_format)
+        ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
+        reader = ShardReader(train_split, train_transform(data.image_size, data.resize_size),
+                             batch_size=cfg.batch.micro_size, rank=run.rank, world_size=run.world_size,
+                             num_workers=data.num_workers, seed=cfg.runtime.seed, shuffle_buffer=data.shuffle_buffer)
+        steps_per_epoch = reader.batches_per_epoch // run.grad_accum_steps
+        total_steps = steps_per_epoch * cfg.train.num_epochs
+        if cfg.train.max_steps:
+            total_steps = min(total_steps, cfg.train.max_steps) if cfg.train.num_epochs else cfg.train.max_steps
+        optimizer = build_optimizer(cfg.optim, cfg.batch, model)
+        scheduler = build_schedule(cfg.optim, optimizer, total_steps)
+
+        # -- prepare -------------------------------------------------------------------------
+        model, optimizer = run.prepare(model, optimizer)
+        test_loader, test_batches = eval_loader(test_split, eval_transform(data.image_size, data.resize_size),
+                                                batch_size=cfg.batch.micro_size, rank=run.rank,
+                                                world_size=run.world_size, num_workers=data.num_workers)
+
+        def to_device(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            images = images.to(run.device, memory_format=memory_format, non_blocking=True)
+            return images, labels.to(run.device, non_blocking=True)
+
+        def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+            images, labels = to_device(*batch)
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            return {"loss": loss, "acc1": (logits.argmax(1) == labels).float().mean()}
+
+        def accuracy(net: torch.nn.Module) -> float:
+            def correct(batch: tuple) -> torch.Tensor:
+                images, labels = to_device(batch[0], batch[1])
+                return torch.stack([(net(images).argmax(1) == labels).sum(), labels.new_tensor(len(labels))])
+
+            counts = run.eval_batches(test_loader, test_batches, correct)
+            total = torch.stack(counts).sum(0) if counts else torch.zeros(2, dtype=torch.long, device=run.device)
+            hits, seen = run.accelerator.reduce(total, reduction="sum").tolist()
+            return hits / max(seen, 1)
+
+        def evaluate() -> dict[str, float]:
+            metrics = {"eval/acc1": accuracy(run.eval_model(model))}
+            if ema is not None:
+                metrics["eval/acc1_ema"] = accuracy(ema.module)
+            return metrics
+
+        # -- loop ----------------------------------------------------------------------------
+        started = time.perf_counter()
+        loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, ema=ema, eval_fn=evaluate)
+        result = loop.fit(reader.loader, batches_per_epoch=reader.batches_per_epoch,
+                          num_epochs=cfg.train.num_epochs, max_steps=cfg.train.max_steps)
+
+        # -- save ----------------------------------------------------------------------------
+        model_dir = run.save_model(model, ema=ema, info={
+            "model": cfg.model.name, "num_classes": train_split.num_classes, "classes": train_split.classes,
+            "image_size": data.image_size, "resize_size": data.resize_size})
+        throughput = [h["perf/samples_per_s"] for h in loop.history]
+        summary = {"eval/acc1": result.get("eval/acc1", float("nan")), "step": result["step"],
+                   "images_per_s": sum(throughput) / len(throughput) if throughput else float("nan"),
+                   "world_size": run.world_size, "wall_clock_s": time.perf_counter() - started,
+                   "skipped_steps": result["skipped_steps"], "model_dir": str(model_dir)}
+        if ema is not None:
+            summary["eval/acc1_ema"] = result.get("eval/acc1_ema", float("nan"))
+        run.finish(summary, step=result["step"])
+        run.print_summary(summary)
+
+
+if __name__ == "__main__":
+    entrypoint(main)
