@@ -56,8 +56,8 @@ class BatchConfig:
 class RuntimeConfig:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"  # auto: what `accelerate launch` was told
-    deepspeed_config: str = ""  # JSON under recipes/deepspeed/; empty = zero{zero_stage}.json there
-    zero_stage: Literal[1, 2, 3] = 2
+    deepspeed_config: str = ""  # DeepSpeed JSON; empty: the launcher's, else recipes/deepspeed/zero{zero_stage}.json
+    zero_stage: Literal[0, 1, 2, 3] = 0  # 0: the JSON's stage (ZeRO-2 if no JSON is named anywhere)
     seed: int = 0
     channels_last: bool = False
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
@@ -195,7 +195,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "demo": _DEMO_CLASSIFIER,
         **{
-            name: {"model.name": "resnet50", "model.pretrained": True, "train.num_epochs": epochs,
+            name: {"run_dir": f"runs/train_classifier/{name}", "model.name": "resnet50", "model.pretrained": True, "train.num_epochs": epochs,
                    "batch.global_size": 32, "batch.micro_size": 32, "batch.reference_size": 32,
                    "runtime.precision": "bf16",
                    "runtime.channels_last": True}
@@ -353,15 +353,6 @@ def _check_positive(cfg: Any) -> None:
             raise ConfigError(f"runtime.log_every={runtime.log_every} must be >= 1")
         if not 0.0 <= runtime.ema_decay < 1.0:
             raise ConfigError(f"runtime.ema_decay={runtime.ema_decay} must be in [0, 1)")
-        if runtime.ema_decay and runtime.strategy in ("deepspeed", "fsdp") and (
-            runtime.strategy == "fsdp" or runtime.zero_stage == 3
-        ):
-            raise ConfigError(
-                "runtime.ema_decay > 0 needs whole parameters on every rank; it cannot be combined "
-                f"with runtime.strategy={runtime.strategy}"
-                + (" runtime.zero_stage=3" if runtime.strategy == "deepspeed" else "")
-                + ": use ddp or deepspeed with zero_stage 1 or 2"
-            )
 
 
 def parse_cli(cls: type, argv: list[str]) -> Any:

@@ -98,7 +98,8 @@ def main(argv: list[str]) -> None:
         summary = {"eval/acc1": result.get("eval/acc1", float("nan")), "step": result["step"],
                    "images_per_s": sum(throughput) / len(throughput) if throughput else float("nan"),
                    "world_size": run.world_size, "wall_clock_s": time.perf_counter() - started,
-                   "skipped_steps": result["skipped_steps"], "model_dir": str(model_dir)}
+                   "skipped_steps": result["skipped_steps"], "replicas_identical": result["replicas_identical"],
+                   "model_dir": str(model_dir)}
         if ema is not None:
             summary["eval/acc1_ema"] = result.get("eval/acc1_ema", float("nan"))
         run.finish(summary, step=result["step"])

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import signal
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,13 @@ def _shuffled(samples: Iterator[dict], buffer: list, size: int, rng: random.Rand
         yield buffer.pop(rng.randrange(len(buffer)))
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Launchers signal the whole process group on pre-emption; the trainer process handles it
+    # (saves, then shuts its workers down), so a worker must not die of it mid-batch.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardReader:
     """Deterministic, resumable per-rank loader over a `ShardSplit`."""
 
@@ -272,6 +280,7 @@ class ShardReader:
     def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         return DataLoader(_SlotStream(self, epoch, skip_batches), batch_size=self.batch_size,
                           num_workers=self.num_workers, persistent_workers=False, drop_last=True,
+                          worker_init_fn=_ignore_stop_signals,
                           pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers else None)
 
 
@@ -315,5 +324,6 @@ def eval_loader(split: ShardSplit, transform: Callable[[Image.Image], torch.Tens
     stream = _EvalStream(split, transform, rank, world_size)
     most = max(stream.batches(batch_size, num_workers, r) for r in range(world_size))
     loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=False,
+                        worker_init_fn=_ignore_stop_signals,
                         pin_memory=torch.cuda.is_available())
     return loader, most

@@ -9,7 +9,6 @@ with `cpu=False`, so there the backend is forced to gloo instead.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from datetime import timedelta
@@ -40,14 +39,19 @@ def resolve_strategy(runtime: RuntimeConfig) -> str:
 
 def deepspeed_config(runtime: RuntimeConfig, batch: BatchConfig, world_size: int) -> dict:
     """The DeepSpeed JSON with batch sizes, accumulation, clipping and precision filled in."""
-    path = Path(runtime.deepspeed_config) if runtime.deepspeed_config else (
-        RECIPES_DIR / "deepspeed" / f"zero{runtime.zero_stage}.json")
+    named = runtime.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    path = Path(named) if named else RECIPES_DIR / "deepspeed" / f"zero{runtime.zero_stage or 2}.json"
+    if not path.is_file() and not path.is_absolute() and (RECIPES_DIR.parent / path).is_file():
+        path = RECIPES_DIR.parent / path  # launched from elsewhere with the YAMLs' repo-relative path
     if not path.is_file():
         raise ConfigError(f"runtime.deepspeed_config={str(path)!r} does not exist; "
                           f"ready-made ones are in {RECIPES_DIR / 'deepspeed'}")
     ds = json.loads(path.read_text())
-    ds = copy.deepcopy(ds)
-    ds.setdefault("zero_optimization", {})["stage"] = runtime.zero_stage
+    stage = ds.setdefault("zero_optimization", {}).get("stage")
+    if runtime.zero_stage and named and stage not in (None, runtime.zero_stage):
+        raise ConfigError(f"runtime.zero_stage={runtime.zero_stage} contradicts {path} (stage {stage}); "
+                          f"drop runtime.zero_stage or name another JSON")
+    ds["zero_optimization"]["stage"] = runtime.zero_stage or stage or 2
     ds["train_micro_batch_size_per_gpu"] = batch.micro_size
     ds["gradient_accumulation_steps"] = batch.grad_accum_steps(world_size)
     ds["train_batch_size"] = batch.global_size
@@ -84,7 +88,7 @@ def build_accelerator(runtime: RuntimeConfig, batch: BatchConfig) -> Accelerator
         kwargs["cpu"] = not cuda
         if strategy == "fsdp":
             kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-                fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="size_based",
+                fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="SIZE_BASED_WRAP",
                 min_num_params=1_000_000, state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False,
             )
     accelerator = Accelerator(**kwargs)

@@ -188,7 +188,8 @@ class TrainLoop:
         if not self.last_eval or self.last_eval.get("step") != self.state.step:
             self._evaluate()
         self._save(final=True)
-        return {**self.last_eval, "step": self.state.step, "skipped_steps": self.state.skipped_steps}
+        return {**self.last_eval, "step": self.state.step, "skipped_steps": self.state.skipped_steps,
+                "replicas_identical": self.run.check_replicas(self.model)}
 
     def _after_step(self, bar: tqdm, total: int, steps_per_epoch: int) -> None:
         state = self.state

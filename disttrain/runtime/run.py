@@ -69,6 +69,12 @@ class Run:
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.grad_accum_steps = cfg.batch.grad_accum_steps(self.world_size)
+        plugin = self.accelerator.state.deepspeed_plugin
+        self.zero_stage = plugin.zero_stage if plugin is not None else 0
+        if cfg.runtime.ema_decay and self.params_sharded:
+            raise ConfigError(f"runtime.ema_decay > 0 needs whole parameters on every rank, which "
+                              f"{self.strategy}{f' ZeRO-{self.zero_stage}' if self.zero_stage else ''} does not "
+                              f"keep; use ddp, or deepspeed with runtime.zero_stage 1 or 2")
         self.run_dir = Path(cfg.run_dir).resolve()
         self._prepare_run_dir()
         self._save_config()
@@ -190,7 +196,7 @@ class Run:
     @property
     def params_sharded(self) -> bool:
         """True when every forward is a collective (FSDP, ZeRO-3): ranks must forward in lock-step."""
-        return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.cfg.runtime.zero_stage == 3)
+        return self.strategy == "fsdp" or self.zero_stage == 3
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module to run inference with: unwrapped unless its parameters are sharded."""
@@ -211,6 +217,26 @@ class Run:
                 for _ in range(most_batches - len(outputs)):
                     fn(last)
         return outputs
+
+    def check_replicas(self, model: torch.nn.Module) -> bool:
+        """Data parallelism must leave identical weights on every rank; verify it exactly.
+
+        Gathers a float64 (sum, sum of squares) of every rank's parameters; any difference
+        means gradients were not synchronised. Writes them to run_dir/replicas.json.
+        """
+        if self.params_sharded:
+            return True  # each rank holds a different shard by design
+        flat = torch.cat([p.detach().double().flatten() for p in self.accelerator.unwrap_model(model).parameters()])
+        local = torch.stack([flat.sum(), (flat * flat).sum()]).to(self.device)
+        gathered = self.accelerator.gather(local[None]).tolist()
+        identical = all(row == gathered[0] for row in gathered)
+        if self.is_main:
+            _write_json(self.run_dir / "replicas.json", {"world_size": self.world_size, "identical": identical,
+                                                         "checksums": gathered})
+        if not identical:
+            raise RuntimeError(f"model replicas differ across ranks after training: {gathered} "
+                               f"(gradients were not synchronised)")
+        return identical
 
     def __enter__(self) -> "Run":
         return self

@@ -1,0 +1,108 @@
+"""Config validation: every mistake is a ConfigError naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from disttrain import config
+from disttrain.config import BatchConfig, ConfigError, TrainClassifierConfig
+from tests.conftest import REPO
+
+
+def build(*args: str) -> TrainClassifierConfig:
+    return config.parse_cli(TrainClassifierConfig, list(args))
+
+
+def test_preset_and_overrides_resolve():
+    cfg = build("--preset", "debug", "optim.lr=0.3", "runtime.precision=bf16", "batch.micro_size=4",
+                "runtime.grad_clip=1", "train.max_steps=1_000")
+    assert cfg.optim.lr == 0.3 and cfg.runtime.precision == "bf16" and cfg.batch.micro_size == 4
+    assert cfg.runtime.grad_clip == 1.0 and isinstance(cfg.runtime.grad_clip, float)
+    assert cfg.train.max_steps == 1000
+    assert cfg.model.name == "resnet10t"  # from the preset
+
+
+def test_paper_preset_follows_mixupoe_appendix_d1():
+    cfg = build("--preset", "dog", "run_dir=x", "data.root=y", "model.pretrained_file=w.pth")
+    assert (cfg.model.name, cfg.batch.global_size, cfg.optim.lr, cfg.optim.schedule) == ("resnet50", 32, 1e-3, "cosine")
+    assert (cfg.data.resize_size, cfg.data.image_size, cfg.train.num_epochs) == (512, 448, 30)
+    assert build("--preset", "bird", "data.root=y", "model.pretrained_file=w").train.num_epochs == 60
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("optim.lrr=1", ["unknown config key 'optim.lrr'", "lr", "momentum"]),
+    ("nosuch=1", ["unknown config key 'nosuch'", "optim", "run_dir"]),
+    ("optim.lr.x=1", ["'optim.lr' is not a section"]),
+    ("optim=1", ["'optim' is a section", "optim.lr"]),
+    ("optim.lr=fast", ["optim.lr='fast'", "float"]),
+    ("batch.micro_size=2.5", ["batch.micro_size='2.5'", "int"]),
+    ("runtime.precision=fp8", ["runtime.precision='fp8'", "'fp32'", "'bf16'"]),
+    ("runtime.zero_stage=4", ["runtime.zero_stage='4'", "0, 1, 2, 3"]),
+    ("runtime.channels_last=maybe", ["runtime.channels_last", "bool"]),
+    ("batch.micro_size=0", ["batch.micro_size=0 must be > 0"]),
+    ("data.image_size=64", ["data.image_size=64", "data.resize_size"]),
+    ("model.pretrained=true", ["model.pretrained_file"]),
+    ("justaword", ["expected --preset NAME or key=value"]),
+])
+def test_bad_overrides_name_the_key(arg, words):
+    with pytest.raises(ConfigError) as err:
+        build("--preset", "debug", arg)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'tiny'.*debug, demo"):
+        build("--preset", "tiny")
+
+
+def test_required_fields_must_be_given():
+    with pytest.raises(ConfigError, match="run_dir is required"):
+        build("data.root=x")
+    with pytest.raises(ConfigError, match="data.root is required"):
+        build("--preset", "bird", "run_dir=x", "model.pretrained_file=w")
+
+
+def test_global_batch_must_split_over_world_size():
+    batch = BatchConfig(global_size=32, micro_size=8)
+    assert batch.grad_accum_steps(1) == 4 and batch.grad_accum_steps(2) == 2 and batch.grad_accum_steps(4) == 1
+    with pytest.raises(ConfigError, match=r"batch.global_size=32 is not divisible by world size 3.*\[1, 2\]"
+                       r"|batch.global_size=32 is not divisible by world size 3"):
+        batch.grad_accum_steps(3)
+    with pytest.raises(ConfigError, match=r"micro_size must be one of \[1, 2, 4\]"):
+        BatchConfig(global_size=32, micro_size=8).grad_accum_steps(8)
+
+
+def test_lists_parse_and_check_item_types():
+    assert config._coerce("k", "[1, 2,3]", list[int]) == [1, 2, 3]
+    with pytest.raises(ConfigError, match=r"k\[1\]"):
+        config._coerce("k", "[1,x]", list[int])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = build("--preset", "demo", "optim.lr=0.25")
+    config.save(cfg, tmp_path / "config.json")
+    assert config.load(TrainClassifierConfig, tmp_path / "config.json") == cfg
+
+
+def test_recipe_rejects_bad_input_before_compute(tmp_path):
+    """A bad value or a missing dataset is one line on stderr and exit code 2, with nothing written."""
+    cases = [
+        (["--preset", "debug", f"data.root={tmp_path}/nowhere"], "manifest.json is missing"),
+        (["--preset", "debug", "optim.momentum=high"], "optim.momentum='high': expected a float"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, str(REPO / "recipes/train_classifier.py"), *args,
+                               f"run_dir={tmp_path}/run"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_presets_and_keys():
+    with pytest.raises(SystemExit) as exc:
+        build("--help")
+    assert "presets: debug, demo" in str(exc.value) and "optim.lr" in str(exc.value)

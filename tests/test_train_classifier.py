@@ -1,0 +1,88 @@
+"""The first stage through its real entry point: `accelerate launch recipes/train_classifier.py`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from disttrain.data.shards import ShardReader, ShardSplit
+from tests.conftest import recipe_command, recipe_env
+
+pytestmark = pytest.mark.slow
+
+
+def debug_args(demo_root, *extra):
+    return ["--preset", "debug", f"data.root={demo_root}", "data.num_workers=1", *extra]
+
+
+def test_two_process_ddp_keeps_replicas_identical(launch, demo_root, tmp_path):
+    run = launch("train_classifier.py", *debug_args(demo_root, "train.max_steps=8"), nproc=2)
+    assert run.returncode == 0, run.output[-3000:]
+    info, status, replicas = run.json("run.json"), run.status(), run.json("replicas.json")
+    assert info["world_size"] == 2 and info["strategy"] == "ddp"
+    assert status["state"] == "finished" and status["step"] == 8
+    assert replicas["identical"] and len(replicas["checksums"]) == 2
+    assert replicas["checksums"][0] == replicas["checksums"][1]
+    # ...while each rank trained on shards of its own
+    split = ShardSplit.open(demo_root / "train")
+    shards = [set(ShardReader(split, None, batch_size=8, rank=r, world_size=2, num_workers=1, seed=0,
+                              shuffle_buffer=1).slot_shards(0, 0)) for r in range(2)]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    # the summary a user reads, and the MLflow run behind it
+    assert "== train_classifier finished ==" in run.output and "mlflow ui" in run.output
+    mlflow_run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(info["mlflow_run_id"])
+    assert mlflow_run.data.params["batch.global_size"] == "16" and mlflow_run.data.params["resolved.world_size"] == "2"
+    assert "train/loss" in mlflow_run.data.metrics and "perf/samples_per_s" in mlflow_run.data.metrics
+    assert "eval/acc1" in mlflow_run.data.metrics and mlflow_run.info.status == "FINISHED"
+    assert (run.run_dir / "model" / "model.safetensors").is_file()
+    assert json.loads((run.run_dir / "model" / "model.json").read_text())["num_classes"] == 10
+
+
+def test_deepspeed_zero2_on_cpu_through_the_same_recipe(launch, demo_root):
+    run = launch("train_classifier.py", *debug_args(demo_root, "train.max_steps=4", "runtime.strategy=deepspeed",
+                                                    "runtime.zero_stage=2", "batch.micro_size=4"), nproc=2)
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.json("run.json")["strategy"] == "deepspeed" and run.json("run.json")["world_size"] == 2
+    assert run.status()["state"] == "finished" and run.json("replicas.json")["identical"]
+    assert "ZeRO" in run.output or "zero" in run.output.lower()
+    ckpt = next((run.run_dir / "checkpoints").glob("step-*"))
+    assert (ckpt / "pytorch_model").is_dir()  # DeepSpeed's own sharded layout, written by save_state
+
+
+def test_sigterm_then_resume_equals_uninterrupted(launch, demo_root, tmp_path):
+    args = debug_args(demo_root, "train.max_steps=24", "runtime.log_every=1", "data.num_workers=2",
+                      "runtime.ema_decay=0.9")
+    straight = launch("train_classifier.py", *args, run_dir=tmp_path / "straight")
+    assert straight.returncode == 0, straight.output[-3000:]
+
+    run_dir = tmp_path / "interrupted"
+    cmd = recipe_command("train_classifier.py", [*args, f"run_dir={run_dir}"], nproc=2)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=recipe_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)  # what Slurm pre-emption does to the launcher
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted", "".join(lines)[-3000:]
+    assert 3 <= status["step"] < 24
+
+    resumed = launch("train_classifier.py", *args, run_dir=run_dir)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-{status['step']:08d}" in resumed.output
+    assert resumed.status()["step"] == 24
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(straight.run_dir / "model" / name), load_file(run_dir / "model" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
