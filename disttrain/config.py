@@ -153,6 +153,34 @@ class TrainClassifierConfig:
             raise ConfigError("set train.num_epochs > 0 or train.max_steps > 0")
 
 
+# --------------------------------------------------------------------------- benchmark
+
+
+@dataclass
+class BenchmarkConfig:
+    """The shared loop against a bare PyTorch loop: same model, batch and data, same process."""
+
+    run_dir: str = "runs/benchmark"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet50"))
+    image_size: int = 448
+    num_classes: int = 100
+    num_steps: int = 20  # timed optimizer steps per repeat
+    warmup_steps: int = 3
+    repeats: int = 3  # bare and shared loops alternate this many times; the median counts
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    runtime: RuntimeConfig = field(default_factory=lambda: RuntimeConfig(progress_bar=False, log_every=10))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_minutes=0.0))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    STAGE: typing.ClassVar[str] = "benchmark"
+
+    def validate(self) -> None:
+        if self.batch.global_size != self.batch.micro_size:
+            raise ConfigError("the benchmark times single-process steps without accumulation: "
+                              "set batch.global_size equal to batch.micro_size")
+
+
 # --------------------------------------------------------------------------- presets
 
 # Presets are override dicts applied on the dataclass defaults, by stage then by name.
@@ -175,6 +203,17 @@ _DEMO_CLASSIFIER = {
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "benchmark": {
+        "debug": {"model.name": "resnet10t", "image_size": 32, "num_classes": 10, "num_steps": 4,
+                  "warmup_steps": 1, "repeats": 1, "batch.global_size": 4, "batch.micro_size": 4,
+                  "tracking.enabled": False},
+        "cpu": {"model.name": "resnet18", "image_size": 64, "batch.global_size": 32, "batch.micro_size": 32,
+                "num_steps": 30, "repeats": 5},
+        "resnet50_448": {"model.name": "resnet50", "image_size": 448, "batch.global_size": 32,
+                         "batch.micro_size": 32, "runtime.channels_last": True},
+        "resnet50_448_cpu": {"model.name": "resnet50", "image_size": 448, "batch.global_size": 8,
+                             "batch.micro_size": 8, "num_steps": 4, "warmup_steps": 1, "repeats": 1},
+    },
     "train_classifier": {
         "debug": {
             **_DEMO_CLASSIFIER,

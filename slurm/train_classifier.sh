@@ -38,9 +38,13 @@
 # JOBID") the training is told to checkpoint and stop, and the job requeues
 # itself; see slurm/common.sh.
 
+# sbatch runs a copy of this file from the spool directory: find the repository
+# through the submit directory (or DISTTRAIN_ROOT), not through $0.
 _dt_common="${DISTTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 if [ ! -f "$_dt_common" ]; then
-    echo "error: $_dt_common not found; submit from the repository root or set DISTTRAIN_ROOT" >&2
+    echo "error: cannot find the disttrain repository: no $_dt_common." \
+        "Submit from the repository root (cd /path/to/disttrain && sbatch slurm/train_classifier.sh ...)" \
+        "or set DISTTRAIN_ROOT=/path/to/disttrain." >&2
     exit 2
 fi
 # shellcheck source=slurm/common.sh

@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from disttrain.data.shards import ShardSplitWriter
@@ -113,28 +114,24 @@ def _outlier_scene(rng: random.Random) -> Image.Image:
 def _texture(rng: random.Random) -> Image.Image:
     s = IMAGE_SIZE * _SUPERSAMPLE
     fx, fy, phase = rng.uniform(0.02, 0.25), rng.uniform(0.02, 0.25), rng.uniform(0, math.tau)
-    c0 = [rng.randint(0, 255) for _ in range(3)]
-    c1 = [rng.randint(0, 255) for _ in range(3)]
+    c0 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    c1 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
     kind = rng.randrange(3)
-    img = Image.new("RGB", (s, s))
-    px = img.load()
-    for y in range(0, s, 2):
-        for x in range(0, s, 2):
-            if kind == 0:
-                t = 0.5 + 0.5 * math.sin(fx * x + fy * y + phase)
-            elif kind == 1:
-                t = 0.5 + 0.5 * math.sin(fx * x + phase) * math.sin(fy * y)
-            else:
-                t = float((int(x * fx) + int(y * fy)) % 2)
-            colour = tuple(int(a + (b - a) * t) for a, b in zip(c0, c1))
-            px[x, y] = px[x + 1, y] = px[x, y + 1] = px[x + 1, y + 1] = colour
-    return _finish(img, rng)
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32)
+    if kind == 0:  # oblique waves
+        t = 0.5 + 0.5 * np.sin(fx * x + fy * y + phase)
+    elif kind == 1:  # egg-crate
+        t = 0.5 + 0.5 * np.sin(fx * x + phase) * np.sin(fy * y)
+    else:  # checks
+        t = ((np.floor(x * fx) + np.floor(y * fy)) % 2).astype(np.float32)
+    pixels = c0 + (c1 - c0) * t[..., None]
+    return _finish(Image.fromarray(pixels.astype(np.uint8)), rng)
 
 
 def _finish(img: Image.Image, rng: random.Random) -> Image.Image:
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
     gain = rng.uniform(0.8, 1.2)  # lighting
-    return img.point(lambda v: max(0, min(255, int(v * gain))))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * gain, 0, 255).astype(np.uint8))
 
 
 def _jpeg(img: Image.Image) -> bytes:

@@ -282,13 +282,13 @@ class Run:
     def print_summary(self, summary: dict[str, Any]) -> None:
         uri = getattr(self.tracker, "uri", "") or os.environ.get("MLFLOW_TRACKING_URI", "")
         lines = [f"== {self.stage} finished =="]
-        lines += [f"  {key:<22} {value:.4f}" if isinstance(value, float) else f"  {key:<22} {value}"
+        lines += [f"  {key:<26} {value:.4f}" if isinstance(value, float) else f"  {key:<26} {value}"
                   for key, value in summary.items()]
-        lines.append(f"  {'run dir':<22} {self.run_dir}")
+        lines.append(f"  {'run dir':<26} {self.run_dir}")
         if self.tracker.run_id:
-            lines.append(f"  {'MLflow run':<22} {self.tracker.run_id} ({uri})")
+            lines.append(f"  {'MLflow run':<26} {self.tracker.run_id} ({uri})")
             ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
-            lines.append(f"  {'look at it':<22} {ui}")
+            lines.append(f"  {'look at it':<26} {ui}")
         self.print("\n".join(lines))
 
     def finish(self, summary: dict[str, Any], step: int) -> None:
