@@ -208,7 +208,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "warmup_steps": 1, "repeats": 1, "batch.global_size": 4, "batch.micro_size": 4,
                   "tracking.enabled": False},
         "cpu": {"model.name": "resnet18", "image_size": 64, "batch.global_size": 32, "batch.micro_size": 32,
-                "num_steps": 30, "repeats": 5},
+                "num_steps": 50, "repeats": 7},
         "resnet50_448": {"model.name": "resnet50", "image_size": 448, "batch.global_size": 32,
                          "batch.micro_size": 32, "runtime.channels_last": True},
         "resnet50_448_cpu": {"model.name": "resnet50", "image_size": 448, "batch.global_size": 8,

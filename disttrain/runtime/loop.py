@@ -112,6 +112,11 @@ class TrainLoop:
     def _clip_and_check(self) -> bool:
         if self.run.strategy == "deepspeed":
             return True  # the engine clips (gradient_clipping in its config) and steps in backward
+        # the global grad norm costs a pass over every gradient: pay it when clipping, else only
+        # on logging steps (a finite loss with non-finite gradients is rare in fp32)
+        logging_step = (self.state.step + 1) % self.cfg.log_every == 0
+        if self.cfg.grad_clip <= 0 and not logging_step:
+            return True
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = self.acc.clip_grad_norm_(self._params(), max_norm)
         if norm is None:
@@ -226,6 +231,8 @@ class TrainLoop:
             metrics = self.eval_fn()
         self.model.train()
         self.last_eval = {**metrics, "step": self.state.step}
+        if not metrics:
+            return
         self.run.log(metrics, self.state.step)
         self.run.print(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 

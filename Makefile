@@ -1,0 +1,49 @@
+# Everything from nothing: `make demo` (the main job on built-in data), `make test` (the suite CI runs).
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTHON ?= python3
+# accelerate's defaults spelled out, so it does not warn; --multi_gpu + 2 processes gives two
+# gloo ranks on a machine without GPU (with --cpu it would start only one)
+LAUNCH2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv demo test test-fast system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU/CUDA wheels of this version are what the project is tested with
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo_data/demo.json: | $(STAMP)
+	$(BIN)/disttrain demo-data --out demo_data
+
+demo: $(STAMP) demo_data/demo.json
+	mkdir -p runs
+	$(LAUNCH2) recipes/train_classifier.py --preset demo
+
+# Slurm + MUNGE from Debian for tests/test_slurm.py (which skip, saying why, without them)
+system-deps:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; \
+	else echo "note: Slurm/MUNGE missing and not root: the Slurm tests will be skipped"; fi
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+
+bench: $(STAMP)
+	$(BIN)/python recipes/benchmark.py --preset cpu
+	$(BIN)/python recipes/benchmark.py --preset resnet50_448_cpu
+
+clean:
+	rm -rf runs mlruns mlflow.db mlartifacts demo_data
