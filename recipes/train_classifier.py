@@ -25,7 +25,7 @@ from disttrain import config
 from disttrain.config import TrainClassifierConfig
 from disttrain.data.shards import ShardReader, ShardSplit, eval_loader
 from disttrain.data.transforms import eval_transform, train_transform
-from disttrain.models.classifier import build_classifier
+from disttrain.models.classifier import build_classifier, check_classifier_config
 from disttrain.runtime import TrainLoop, entrypoint, start_run
 from disttrain.runtime.optim import build_optimizer, build_schedule
 
@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
     data = cfg.data
     train_split = ShardSplit.open(Path(data.root) / data.train_split)  # data errors before any compute
     test_split = ShardSplit.open(Path(data.root) / data.eval_split)
+    check_classifier_config(cfg.model, data.image_size)
 
     with start_run(cfg) as run:
         # -- build ---------------------------------------------------------------------------

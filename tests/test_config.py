@@ -88,18 +88,41 @@ def test_saved_config_round_trips(tmp_path):
     assert config.load(TrainClassifierConfig, tmp_path / "config.json") == cfg
 
 
-def test_recipe_rejects_bad_input_before_compute(tmp_path):
-    """A bad value or a missing dataset is one line on stderr and exit code 2, with nothing written."""
+def test_recipe_rejects_bad_input_before_compute(tmp_path, demo_root):
+    """A bad value, dataset, model or run dir is one line on stderr and exit code 2, nothing trained."""
+    (tmp_path / "a_file").write_text("")
+    data = f"data.root={demo_root}"
     cases = [
-        (["--preset", "debug", f"data.root={tmp_path}/nowhere"], "manifest.json is missing"),
-        (["--preset", "debug", "optim.momentum=high"], "optim.momentum='high': expected a float"),
+        ([f"data.root={tmp_path}/nowhere"], "manifest.json is missing"),
+        (["optim.momentum=high", data], "optim.momentum='high': expected a float"),
+        ([data, "model.name=resnet_51"], "model.name='resnet_51' is not a timm model"),
+        ([data, "model.name=vit_tiny_patch16_224"], "only takes 224px inputs but data.image_size=16"),
+        ([data, "model.pretrained=true", f"model.pretrained_file={tmp_path}/w.safetensors"], "never downloaded"),
+        ([data, f"run_dir={tmp_path}/a_file/run"], "is not writable"),
     ]
     for args, message in cases:
-        proc = subprocess.run([sys.executable, str(REPO / "recipes/train_classifier.py"), *args,
-                               f"run_dir={tmp_path}/run"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        proc = subprocess.run([sys.executable, str(REPO / "recipes/train_classifier.py"), "--preset", "debug",
+                               f"run_dir={tmp_path}/run", *args], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120)
         assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_weights_come_from_the_local_file_only(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from disttrain.config import ModelConfig
+    from disttrain.models.classifier import build_classifier
+
+    imagenet = timm.create_model("resnet10t", num_classes=1000)
+    save_file(imagenet.state_dict(), tmp_path / "resnet10t.safetensors")
+    model = build_classifier(ModelConfig("resnet10t", pretrained=True,
+                                         pretrained_file=str(tmp_path / "resnet10t.safetensors")), 7, 32)
+    assert torch.equal(model.conv1[0].weight, imagenet.conv1[0].weight)
+    assert model.get_classifier().out_features == 7  # a fresh head for the new classes
 
 
 def test_help_lists_presets_and_keys():

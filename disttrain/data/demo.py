@@ -74,18 +74,18 @@ def _bird(rng: random.Random, wing: str, stripes: int, crest: bool) -> Image.Ima
             (cx - bw * 0.8, cy + bh * 0.3)]
     draw.polygon(tail, fill=body)
     for i in range(stripes):  # the tail stripes: one of the fine details
-        x = cx - bw * (1.05 + 0.2 * i)
-        draw.line([(x, cy - bh * 0.55), (x, cy + bh * 0.45)], fill=(245, 245, 245), width=max(2, s // 40))
+        x = cx - bw * (1.05 + 0.22 * i)
+        draw.line([(x, cy - bh * 0.7), (x, cy + bh * 0.6)], fill=(245, 245, 245), width=max(2, s // 22))
     wc = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in WING_COLOURS[wing])
     draw.ellipse((cx - bw * 0.45, cy - bh * 0.55, cx + bw * 0.35, cy + bh * 0.05), fill=wc)  # wing bar
     if crest:
-        draw.polygon([(hx - hr * 0.5, hy - hr * 0.7), (hx - hr * 0.1, hy - hr * 2.0), (hx + hr * 0.3, hy - hr * 0.8)],
-                     fill=body)
-    layer = layer.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR, center=(cx, cy))
-    scale = rng.uniform(0.75, 1.1)
+        draw.polygon([(hx - hr * 0.7, hy - hr * 0.6), (hx - hr * 0.2, hy - hr * 2.4), (hx + hr * 0.4, hy - hr * 0.7)],
+                     fill=tuple(max(0, c - 40) for c in body))
+    layer = layer.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, center=(cx, cy))
+    scale = rng.uniform(0.8, 1.05)
     size = int(s * scale)
     layer = layer.resize((size, size), Image.BILINEAR)
-    offset = (int(rng.uniform(-0.12, 0.12) * s + (s - size) / 2), int(rng.uniform(-0.12, 0.12) * s + (s - size) / 2))
+    offset = (int(rng.uniform(-0.08, 0.08) * s + (s - size) / 2), int(rng.uniform(-0.08, 0.08) * s + (s - size) / 2))
     if rng.random() < 0.5:
         layer = layer.transpose(Image.FLIP_LEFT_RIGHT)
     img.paste(layer, offset, layer)

@@ -67,6 +67,8 @@ def build_accelerator(runtime: RuntimeConfig, batch: BatchConfig) -> Accelerator
     """Process group, device, precision, accumulation and the sharding plugin, from config."""
     strategy = resolve_strategy(runtime)
     cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would guess, minus its warning
     if runtime.precision == "fp16" and not cuda:
         raise ConfigError("runtime.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

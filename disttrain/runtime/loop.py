@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from disttrain.runtime.report import write_history
 from disttrain.runtime.run import Run
 from disttrain.runtime.stats import Stats, Throughput, any_rank
 
@@ -71,6 +72,7 @@ class TrainLoop:
         self.perf = Throughput(run.device, run.world_size)
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self._window_bad = False  # a non-finite loss in the current accumulation window
         run.register(scheduler, ema, self.state)
 
     # -- one optimizer step -------------------------------------------------------------------
@@ -78,8 +80,13 @@ class TrainLoop:
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _micro_step(self, batch: Any) -> tuple[bool, bool]:
-        """Forward + backward of one micro-batch. Returns (optimizer step happened, loss was finite)."""
+    def _micro_step(self, batch: Any) -> bool:
+        """Forward + backward of one micro-batch; True when it closed an optimizer step.
+
+        A non-finite loss (on any rank) is replaced by a zero-gradient backward, and the
+        optimizer step of its accumulation window is dropped. Under DeepSpeed, whose engine
+        steps inside backward, the window's finite micro-batches still make their update.
+        """
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
                 out = self.step_fn(batch)
@@ -107,7 +114,7 @@ class TrainLoop:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.state.skipped_in_a_row = 0
                 self._window_bad = False
-        return stepped, not nonfinite
+        return stepped
 
     def _clip_and_check(self) -> bool:
         if self.run.strategy == "deepspeed":
@@ -166,7 +173,6 @@ class TrainLoop:
         if max_steps > 0:
             total = min(total, max_steps) if num_epochs > 0 else max_steps
             num_epochs = math.ceil(total / steps_per_epoch)
-        self._window_bad = False
         self.run.resume()
         bar = tqdm(total=total, initial=self.state.step, disable=not (self.run.is_main and self.cfg.progress_bar),
                    desc=self.run.stage, dynamic_ncols=True, mininterval=1.0)
@@ -177,7 +183,7 @@ class TrainLoop:
                 t0 = time.perf_counter()
                 batch = next(loader)
                 wait = time.perf_counter() - t0
-                stepped, _ = self._micro_step(batch)
+                stepped = self._micro_step(batch)
                 n = _batch_size(batch)
                 self.state.batch_in_epoch += 1
                 self.state.samples += n * self.run.world_size
@@ -193,6 +199,9 @@ class TrainLoop:
         if not self.last_eval or self.last_eval.get("step") != self.state.step:
             self._evaluate()
         self._save(final=True)
+        if self.run.is_main:
+            for path in write_history(self.history, self.run.run_dir / "report"):
+                self.run.save_artifact(path, "report")
         return {**self.last_eval, "step": self.state.step, "skipped_steps": self.state.skipped_steps,
                 "replicas_identical": self.run.check_replicas(self.model)}
 

@@ -103,19 +103,20 @@ class Run:
     # -- set-up -------------------------------------------------------------------------------
 
     def _prepare_run_dir(self) -> None:
-        if self.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.run_dir / f".write-probe-{os.getpid()}"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as err:
-                raise ConfigError(f"run_dir={str(self.run_dir)!r} is not writable ({err.strerror}); "
-                                  f"pass run_dir=<a writable directory>") from None
-            has_state = complete_checkpoints(self.run_dir / "checkpoints") or (self.run_dir / "run.json").exists()
-            if has_state and self.cfg.checkpoint.resume == "never":
-                raise ConfigError(f"run_dir={str(self.run_dir)!r} already holds a run and checkpoint.resume=never "
-                                  f"would overwrite it; pick a new run_dir, or resume=auto to continue it")
+        # every rank checks (the run dir is on a shared filesystem): an error raised on one rank
+        # only would leave the others waiting at the next collective
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"run_dir={str(self.run_dir)!r} is not writable ({err.strerror or err}); "
+                              f"pass run_dir=<a writable directory>") from None
+        has_state = complete_checkpoints(self.run_dir / "checkpoints") or (self.run_dir / "run.json").exists()
+        if has_state and self.cfg.checkpoint.resume == "never":
+            raise ConfigError(f"run_dir={str(self.run_dir)!r} already holds a run and checkpoint.resume=never "
+                              f"would overwrite it; pick a new run_dir, or resume=auto to continue it")
         self.accelerator.wait_for_everyone()
 
     def _save_config(self) -> None:
@@ -144,7 +145,7 @@ class Run:
         return path
 
     def _start_tracking(self) -> NullTracker:
-        if not self.is_main or not self.cfg.tracking.enabled:
+        if not self.is_main:
             return NullTracker()
         info_path = self.run_dir / "run.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
@@ -153,7 +154,8 @@ class Run:
         name = self.cfg.tracking.run_name or f"{self.stage}:{self.run_dir.name}"
         tracker = Tracker(self.run_dir / "tracking", self.cfg.tracking.experiment, name, parent_run_id=parent,
                           resume_run_id=resume_id, tags={"disttrain.stage": self.stage,
-                                                         "disttrain.run_dir": str(self.run_dir)})
+                                                         "disttrain.run_dir": str(self.run_dir)},
+                          use_mlflow=self.cfg.tracking.enabled)
         if not tracker.online and resume_id:
             tracker.run_id = resume_id
         config_path = self.run_dir / "config.json"

@@ -1,6 +1,7 @@
 """MLflow tracking that never stops training.
 
-Only rank 0 builds a `Tracker`; every other rank gets a `NullTracker`. Every metric is
+Only rank 0 builds a `Tracker`; every other rank gets a `NullTracker`. With
+`tracking.enabled=false` the tracker keeps the local record and never contacts MLflow. Every metric is
 first appended to `<run_dir>/tracking/metrics.jsonl` (the local record), then sent to
 MLflow. If MLflow cannot be reached -- at start or mid-run -- the tracker warns once,
 says where the local record is, and goes on offline; `disttrain mlflow-sync <run_dir>`
@@ -36,7 +37,7 @@ def _quick_http_failure() -> None:
 
 
 class NullTracker:
-    """What non-zero ranks (and tracking.enabled=false) get: every call is a no-op."""
+    """What ranks other than 0 get: every call is a no-op."""
 
     run_id = ""
     online = False
@@ -52,7 +53,8 @@ class Tracker(NullTracker):
     """One MLflow run for one stage, mirrored into a local JSONL record."""
 
     def __init__(self, local_dir: str | os.PathLike, experiment: str, run_name: str,
-                 parent_run_id: str = "", resume_run_id: str = "", tags: dict[str, str] | None = None):
+                 parent_run_id: str = "", resume_run_id: str = "", tags: dict[str, str] | None = None,
+                 use_mlflow: bool = True):
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.record = self.local_dir / "metrics.jsonl"
@@ -60,12 +62,21 @@ class Tracker(NullTracker):
         self.online = False
         self._warned = False
         self._client = None
+        self.uri = ""
+        if use_mlflow:
+            self._connect(experiment, run_name, parent_run_id, resume_run_id, tags)
+        self._write_local({"event": "start", "run_id": self.run_id, "experiment": experiment,
+                           "run_name": run_name, "parent_run_id": parent_run_id})
+
+    def _connect(self, experiment: str, run_name: str, parent_run_id: str, resume_run_id: str,
+                 tags: dict[str, str] | None) -> None:
         _quick_http_failure()
         try:
+            import mlflow
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient()
-            self.uri = self._client._tracking_client.tracking_uri
+            self.uri = mlflow.get_tracking_uri()
+            self._client = MlflowClient(self.uri)
             if resume_run_id:
                 self.run_id = resume_run_id
                 self._client.update_run(resume_run_id, status="RUNNING")
@@ -79,8 +90,6 @@ class Tracker(NullTracker):
             self.online = True
         except Exception as err:  # noqa: BLE001 -- any tracking failure must leave training running
             self._go_offline(err)
-        self._write_local({"event": "start", "run_id": self.run_id, "experiment": experiment,
-                           "run_name": run_name, "parent_run_id": parent_run_id})
 
     # -- local record -------------------------------------------------------------------------
 
