@@ -153,6 +153,48 @@ class TrainClassifierConfig:
             raise ConfigError("set train.num_epochs > 0 or train.max_steps > 0")
 
 
+# --------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateConfig:
+    """Score ID and OOD sets with post-hoc scorers on a trained classifier."""
+
+    run_dir: str = REQUIRED
+    model: str = REQUIRED  # run dir of a finished classifier stage (it holds model/)
+    id: str = REQUIRED  # ID test set: a shard split, an image folder
+    ood: list[str] = field(default_factory=list)  # OOD sets: shard splits, image folders, noise:gaussian|uniform[:N]
+    fit: str = ""  # ID training split for scorers fitted on ID statistics (never the test set)
+    fit_max_samples: int = 0  # 0 = the whole fit split
+    scorers: list[str] = field(default_factory=lambda: ["msp", "energy"])
+    scorer_args: list[str] = field(default_factory=list)  # e.g. [odin.temperature=1000,mahalanobis.use_blocks=true]
+    use_ema: bool = False  # score with the EMA weights the classifier stage saved
+    base_rate: str = "5"  # ID:OOD ratio of every evaluation (mixupoe.txt App. C: 5), or "all"
+    num_draws: int = 5  # seeded subsamples at that ratio; the table shows mean +- std
+    batch_size: int = 64  # images per forward, per rank
+    num_workers: int = 2
+    plots: bool = True
+    runtime: RuntimeConfig = field(default_factory=lambda: RuntimeConfig(progress_bar=False))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    STAGE: typing.ClassVar[str] = "evaluate"
+
+    def validate(self) -> None:
+        if not self.ood:
+            raise ConfigError("ood=[...] is required: at least one OOD set (e.g. ood=[demo_data/holdout,noise:gaussian])")
+        if not self.scorers:
+            raise ConfigError("scorers=[...] is empty: name at least one (e.g. scorers=[msp,energy])")
+        if self.base_rate != "all":
+            try:
+                ok = float(self.base_rate) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"base_rate={self.base_rate!r}: expected an ID:OOD ratio > 0 (like 5) or 'all'")
+        if self.batch_size < 1 or self.num_draws < 1:
+            raise ConfigError("batch_size and num_draws must be >= 1")
+
+
 # --------------------------------------------------------------------------- benchmark
 
 
@@ -203,6 +245,18 @@ _DEMO_CLASSIFIER = {
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "evaluate": {
+        "debug": {"run_dir": "runs/evaluate/debug", "batch_size": 32, "num_workers": 0, "num_draws": 3,
+                  "fit_max_samples": 256},
+        "demo": {"run_dir": "runs/evaluate/demo", "model": "runs/train_classifier/demo", "id": "demo_data/test",
+                 "fit": "demo_data/train", "ood": ["demo_data/holdout", "demo_data/far_ood", "noise:gaussian:500"],
+                 "scorers": ["msp", "odin", "energy", "maxlogit", "entropy", "mahalanobis", "vim", "react"],
+                 "num_workers": 1},
+        # mixupoe.txt 5.1 / App. C-D: holdout classes and coarse sets at 5:1, the paper's scorers
+        "mixupoe": {"scorers": ["msp", "odin", "energy", "mahalanobis", "gram"],
+                    "scorer_args": ["odin.temperature=1000", "energy.temperature=1", "mahalanobis.use_blocks=true"],
+                    "base_rate": "5", "num_draws": 5, "runtime.precision": "bf16"},
+    },
     "benchmark": {
         "debug": {"model.name": "resnet10t", "image_size": 32, "num_classes": 10, "num_steps": 4,
                   "warmup_steps": 1, "repeats": 1, "batch.global_size": 4, "batch.micro_size": 4,

@@ -23,7 +23,8 @@ from timm.utils import ModelEmaV3
 
 from disttrain import config
 from disttrain.config import TrainClassifierConfig
-from disttrain.data.shards import ShardReader, ShardSplit, eval_loader
+from disttrain.data.shards import ShardReader, ShardSplit
+from disttrain.data.sources import open_source
 from disttrain.data.transforms import eval_transform, train_transform
 from disttrain.models.classifier import build_classifier, check_classifier_config
 from disttrain.runtime import TrainLoop, entrypoint, start_run
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
     cfg = config.parse_cli(TrainClassifierConfig, argv)
     data = cfg.data
     train_split = ShardSplit.open(Path(data.root) / data.train_split)  # data errors before any compute
-    test_split = ShardSplit.open(Path(data.root) / data.eval_split)
+    test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size)
     check_classifier_config(cfg.model, data.image_size)
 
     with start_run(cfg) as run:
@@ -55,9 +56,9 @@ def main(argv: list[str]) -> None:
 
         # -- prepare -------------------------------------------------------------------------
         model, optimizer = run.prepare(model, optimizer)
-        test_loader, test_batches = eval_loader(test_split, eval_transform(data.image_size, data.resize_size),
-                                                batch_size=cfg.batch.micro_size, rank=run.rank,
-                                                world_size=run.world_size, num_workers=data.num_workers)
+        test_loader = test_set.loader(eval_transform(data.image_size, data.resize_size), batch_size=cfg.batch.micro_size,
+                                      rank=run.rank, world_size=run.world_size, num_workers=data.num_workers)
+        test_batches = test_set.most_batches(cfg.batch.micro_size, run.world_size, data.num_workers)
 
         def to_device(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             images = images.to(run.device, memory_format=memory_format, non_blocking=True)

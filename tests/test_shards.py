@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from disttrain.data.shards import DataError, ShardReader, ShardSplit, ShardSplitWriter, eval_loader
+from disttrain.data.shards import DataError, ShardReader, ShardSplit, ShardSplitWriter
+from disttrain.data.sources import open_source
 
 
 def to_tensor(img):
@@ -79,11 +80,11 @@ def test_too_few_shards_for_the_readers_is_a_clear_error(split):
 
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1), (4, 2)])
 def test_eval_loader_covers_every_sample_once(split, world, workers):
-    got, most = [], 0
+    source = open_source(str(split.root), image_size=2)
+    got = []
     for rank in range(world):
-        loader, most = eval_loader(split, to_tensor, batch_size=4, rank=rank, world_size=world, num_workers=workers)
-        batches = list(loader)
-        assert len(batches) <= most
+        batches = list(source.loader(to_tensor, batch_size=4, rank=rank, world_size=world, num_workers=workers))
+        assert len(batches) <= source.most_batches(4, world, workers)
         got += [i for b in batches for i in b[2].tolist()]
     assert sorted(got) == list(range(53))
 

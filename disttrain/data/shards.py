@@ -191,7 +191,7 @@ def _shuffled(samples: Iterator[dict], buffer: list, size: int, rng: random.Rand
         yield buffer.pop(rng.randrange(len(buffer)))
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def ignore_stop_signals(_worker_id: int) -> None:
     # Launchers signal the whole process group on pre-emption; the trainer process handles it
     # (saves, then shuts its workers down), so a worker must not die of it mid-batch.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -280,14 +280,14 @@ class ShardReader:
     def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         return DataLoader(_SlotStream(self, epoch, skip_batches), batch_size=self.batch_size,
                           num_workers=self.num_workers, persistent_workers=False, drop_last=True,
-                          worker_init_fn=_ignore_stop_signals,
+                          worker_init_fn=ignore_stop_signals,
                           pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers else None)
 
 
 # --------------------------------------------------------------------------- evaluation reading
 
 
-class _EvalStream(IterableDataset):
+class ShardEvalStream(IterableDataset):
     """Every sample of a split exactly once over all ranks: sample i goes to rank i % world_size."""
 
     def __init__(self, split: ShardSplit, transform: Callable[[Image.Image], torch.Tensor], rank: int,
@@ -305,25 +305,6 @@ class _EvalStream(IterableDataset):
                 if index % self.world_size == self.rank:
                     yield self.transform(decode_image(sample)), int(sample["cls"]), index
 
-    def batches(self, batch_size: int, num_workers: int, rank: int) -> int:
-        workers = max(num_workers, 1)
-        count = 0
-        for worker in range(workers):
-            mine = sum(1 for shard in range(worker, len(self.split.shard_names), workers)
-                       for pos in range(self.split.shard_sizes[shard])
-                       if (self.offsets[shard] + pos) % self.world_size == rank)
-            count += -(-mine // batch_size)
-        return count
-
-
-def eval_loader(split: ShardSplit, transform: Callable[[Image.Image], torch.Tensor], *, batch_size: int, rank: int,
-                world_size: int, num_workers: int) -> tuple[DataLoader, int]:
-    """A loader of (images, labels, sample indices) over this rank's share of `split`, and the
-    largest number of batches any rank gets (ranks under sharded strategies must run that
-    many forwards in lock-step)."""
-    stream = _EvalStream(split, transform, rank, world_size)
-    most = max(stream.batches(batch_size, num_workers, r) for r in range(world_size))
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=False,
-                        worker_init_fn=_ignore_stop_signals,
-                        pin_memory=torch.cuda.is_available())
-    return loader, most
+    @classmethod
+    def for_split(cls, split: ShardSplit) -> Callable[..., "ShardEvalStream"]:
+        return lambda transform, rank, world_size: cls(split, transform, rank, world_size)

@@ -63,16 +63,20 @@ def deepspeed_config(runtime: RuntimeConfig, batch: BatchConfig, world_size: int
     return ds
 
 
-def build_accelerator(runtime: RuntimeConfig, batch: BatchConfig) -> Accelerator:
-    """Process group, device, precision, accumulation and the sharding plugin, from config."""
-    strategy = resolve_strategy(runtime)
+def build_accelerator(runtime: RuntimeConfig, batch: BatchConfig | None) -> Accelerator:
+    """Process group, device, precision, accumulation and the sharding plugin, from config.
+
+    `batch=None` is a stage that trains nothing (evaluation, synthesis): its frozen networks
+    are never wrapped, so it gets the process group and device only.
+    """
+    strategy = resolve_strategy(runtime) if batch is not None else "ddp"
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would guess, minus its warning
     if runtime.precision == "fp16" and not cuda:
         raise ConfigError("runtime.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    accum = batch.grad_accum_steps(world_size)  # raises ConfigError before any process group work
+    accum = batch.grad_accum_steps(world_size) if batch is not None else 1  # ConfigError before any work
     # a backend named for a single process would make accelerate look for a process group that is never made
     handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
                 ] if world_size > 1 else []

@@ -64,11 +64,12 @@ class Run:
     def __init__(self, cfg: Any):
         self.cfg = cfg
         self.stage = cfg.STAGE
-        self.accelerator = build_accelerator(cfg.runtime, cfg.batch)
-        self.strategy = resolve_strategy(cfg.runtime)
+        batch = getattr(cfg, "batch", None)  # absent for stages that train nothing
+        self.accelerator = build_accelerator(cfg.runtime, batch)
+        self.strategy = resolve_strategy(cfg.runtime) if batch is not None else "ddp"
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
-        self.grad_accum_steps = cfg.batch.grad_accum_steps(self.world_size)
+        self.grad_accum_steps = batch.grad_accum_steps(self.world_size) if batch is not None else 1
         plugin = self.accelerator.state.deepspeed_plugin
         self.zero_stage = plugin.zero_stage if plugin is not None else 0
         if cfg.runtime.ema_decay and self.params_sharded:
@@ -79,8 +80,9 @@ class Run:
         self._prepare_run_dir()
         self._save_config()
         set_seed(cfg.runtime.seed)  # identical on every rank until `prepare`: same initial weights
-        self.checkpoints = Checkpointer(self.accelerator, self.run_dir, cfg.checkpoint.keep_last,
-                                        cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+        ckpt = getattr(cfg, "checkpoint", None)  # absent for stages without state worth resuming
+        self.checkpoints = Checkpointer(self.accelerator, self.run_dir, ckpt.keep_last, ckpt.every_steps,
+                                        ckpt.every_minutes) if ckpt is not None else None
         self.resume_from = self._resume_target()
         self.stop = StopRequested()
         self.tracker = self._start_tracking()
@@ -114,7 +116,7 @@ class Run:
             raise ConfigError(f"run_dir={str(self.run_dir)!r} is not writable ({err.strerror or err}); "
                               f"pass run_dir=<a writable directory>") from None
         has_state = complete_checkpoints(self.run_dir / "checkpoints") or (self.run_dir / "run.json").exists()
-        if has_state and self.cfg.checkpoint.resume == "never":
+        if has_state and getattr(self.cfg, "checkpoint", None) and self.cfg.checkpoint.resume == "never":
             raise ConfigError(f"run_dir={str(self.run_dir)!r} already holds a run and checkpoint.resume=never "
                               f"would overwrite it; pick a new run_dir, or resume=auto to continue it")
         self.accelerator.wait_for_everyone()
@@ -133,6 +135,8 @@ class Run:
         config_lib.save(self.cfg, path)
 
     def _resume_target(self) -> Path | None:
+        if self.checkpoints is None:
+            return None
         choice = self.cfg.checkpoint.resume
         if choice == "never":
             return None
@@ -219,6 +223,14 @@ class Run:
                 for _ in range(most_batches - len(outputs)):
                     fn(last)
         return outputs
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (pickled), on every rank, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
     def check_replicas(self, model: torch.nn.Module) -> bool:
         """Data parallelism must leave identical weights on every rank; verify it exactly.

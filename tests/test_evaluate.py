@@ -1,0 +1,94 @@
+"""recipes/evaluate.py: every scorer through the real entry point, 2 processes = 1 process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from disttrain.config import ConfigError
+from disttrain.data.shards import DataError
+from disttrain.ood import scorers as scorer_registry
+from tests.conftest import REPO, recipe_command, recipe_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def classifier(demo_root, tmp_path_factory):
+    """A finished (tiny) train_classifier run to evaluate."""
+    workdir = tmp_path_factory.mktemp("classifier")
+    run_dir = workdir / "run"
+    cmd = recipe_command("train_classifier.py", ["--preset", "debug", f"data.root={demo_root}", f"run_dir={run_dir}",
+                                                 "runtime.ema_decay=0.9"], nproc=1)
+    proc = subprocess.run(cmd, cwd=workdir, env=recipe_env(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def evaluate_args(classifier, demo_root, *extra):
+    return ["--preset", "debug", f"model={classifier}", f"id={demo_root}/test", f"fit={demo_root}/train",
+            f"ood=[{demo_root}/holdout,noise:gaussian:37]", *extra]
+
+
+def test_two_processes_equal_one_process_for_every_scorer(launch, classifier, demo_root, tmp_path):
+    every = ",".join(scorer_registry.names())
+    args = evaluate_args(classifier, demo_root, f"scorers=[{every}]", "scorer_args=[mahalanobis.use_blocks=true]")
+    one = launch("evaluate.py", *args, nproc=1, run_dir=tmp_path / "one")
+    assert one.returncode == 0, one.output[-3000:]
+    two = launch("evaluate.py", *args, nproc=2, run_dir=tmp_path / "two")
+    assert two.returncode == 0, two.output[-3000:]
+    rows_one, rows_two = one.json("results.json"), two.json("results.json")
+    assert rows_one == rows_two  # gathered without the padding duplicates: identical numbers
+    assert {(r["scorer"], r["ood"]) for r in rows_one} == {(s, o) for s in scorer_registry.names()
+                                                          for o in ("holdout", "gaussian-noise")}
+    for row in rows_one:  # 5:1 base rate: 500 ID vs 100 of the 200 held-out; 185 of the 500 ID vs 37 noise
+        assert (row["num_id"], row["num_ood"]) == ((500, 100) if row["ood"] == "holdout" else (185, 37))
+        assert all(0.0 <= row[k] <= 1.0 for k in ("auroc", "aupr_in", "aupr_out", "fpr95"))
+    assert "| scorer | OOD set | AUROC |" in one.output
+    plots = {p.name for p in (tmp_path / "one" / "plots").iterdir()}
+    assert "curves_holdout.png" in plots and "density_msp.png" in plots
+    assert (tmp_path / "one" / "results.md").read_text().count("\n") == 2 + len(rows_one)
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_input_is_named_before_the_long_pass(classifier, demo_root, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(classifier, unfinished)
+    (unfinished / "status.json").write_text(json.dumps({"state": "preempted"}))
+    ok = [f"id={demo_root}/test", f"ood=[{demo_root}/holdout]"]
+    every = ", ".join(scorer_registry.names())
+    cases = [
+        ([f"model={tmp_path}", *ok], "holds no classifier"),
+        ([f"model={unfinished}", *ok], "has not finished"),
+        ([f"model={classifier}", f"id={demo_root}/test", f"ood=[{empty}]"], "has no images"),
+        ([f"model={classifier}", f"id={demo_root}/test", f"ood=[{tmp_path}/nowhere]"], "does not exist"),
+        ([f"model={classifier}", *ok, "scorers=[msp,nosuch]"], f"unknown scorer 'nosuch'; registered scorers: {every}"),
+        ([f"model={classifier}", *ok, "scorers=[odin]", "scorer_args=[odin.temp=3]"], "temperature"),
+        ([f"model={classifier}", *ok, "scorers=[mahalanobis]"], "fit=<the ID training split>"),
+        ([f"model={classifier}", f"id={demo_root}/test", "ood=[noise:pink]"], "noise:gaussian"),
+        ([f"model={classifier}", *ok, "use_ema=true", "scorers=[msp]", "base_rate=five"], "base_rate='five'"),
+    ]
+    recipe = load_recipe("evaluate")
+    for args, message in cases:
+        with pytest.raises((ConfigError, DataError)) as err:
+            recipe.main(["--preset", "debug", f"run_dir={tmp_path}/run", *args])
+        assert message in str(err.value)
+        assert not (tmp_path / "run").exists()
+    # through the command line: one line on stderr, exit code 2, no traceback
+    proc = subprocess.run([sys.executable, str(REPO / "recipes/evaluate.py"), "--preset", "debug",
+                           f"run_dir={tmp_path}/run", f"model={tmp_path}", *ok], capture_output=True, text=True,
+                          cwd=tmp_path, env=recipe_env(tmp_path), timeout=120)
+    assert proc.returncode == 2 and "holds no classifier" in proc.stderr and "Traceback" not in proc.stderr
