@@ -24,9 +24,13 @@ venv: $(STAMP)
 demo_data/demo.json: | $(STAMP)
 	$(BIN)/disttrain demo-data --out demo_data
 
+# the demo pipeline: one MLflow parent run, a nested run per stage
 demo: $(STAMP) demo_data/demo.json
 	mkdir -p runs
-	$(LAUNCH2) recipes/train_classifier.py --preset demo
+	parent=$$($(BIN)/disttrain pipeline start demo) && export DISTTRAIN_PARENT_RUN_ID=$$parent && \
+	$(LAUNCH2) recipes/train_classifier.py --preset demo && \
+	$(LAUNCH2) recipes/evaluate.py --preset demo && \
+	$(BIN)/disttrain pipeline end $$parent
 
 # Slurm + MUNGE from Debian for tests/test_slurm.py (which skip, saying why, without them)
 system-deps:
