@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from disttrain import files
+
 REQUIRED = "???"  # a required string field that no preset filled in
 
 
@@ -491,10 +493,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"stage": cfg.STAGE, "config": to_dict(cfg)}, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps({"stage": cfg.STAGE, "config": to_dict(cfg)}, indent=2, sort_keys=True))
 
 
 def load(cls: type, path: str | os.PathLike) -> Any:

@@ -14,7 +14,6 @@ Layout: `<out>/demo.json` and one shard split per name (see `disttrain.data.shar
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import random
@@ -24,6 +23,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from disttrain import files
 from disttrain.data.shards import ShardSplitWriter
 
 IMAGE_SIZE = 32
@@ -180,7 +180,5 @@ def generate(out_dir: str | os.PathLike, seed: int = 0) -> dict:
             "holdout_classes": holdout_names, "splits": splits,
             "roles": {"train": "id-train", "test": "id-test", "holdout": "near-ood", "outliers": "oe-pool",
                       "far_ood": "far-ood"}}
-    tmp = out / ".demo.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out / "demo.json")
+    files.write_json(out / "demo.json", info)
     return info

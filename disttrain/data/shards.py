@@ -31,6 +31,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from disttrain import files
+
 MANIFEST = "manifest.json"
 
 
@@ -89,9 +91,7 @@ class ShardSplitWriter:
         manifest = {"format": "disttrain-shards/1", "num_samples": sum(s["num_samples"] for s in self.shards),
                     "classes": self.classes, "class_counts": self.class_counts, "shards": self.shards,
                     **(extra or {})}
-        tmp = self.out_dir / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.out_dir / MANIFEST)
+        files.write_json(self.out_dir / MANIFEST, manifest)
         return manifest
 
 

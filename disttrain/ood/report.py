@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
+from disttrain import files  # noqa: E402
 from disttrain.ood.metrics import METRIC_KEYS  # noqa: E402
 
 LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out", "fpr95": "FPR95"}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -40,17 +32,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    md, js, cs = out_dir / "results.md", out_dir / "results.json", out_dir / "results.csv"
-    _atomic_write(md, markdown_table(rows) + "\n")
-    _atomic_write(js, json.dumps(rows, indent=2))
-    columns = list(rows[0])
-    tmp = out_dir / ".results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, cs)
-    return [md, cs, js]
+    return [files.write_text(out_dir / "results.md", markdown_table(rows) + "\n"),
+            files.write_csv(out_dir / "results.csv", rows), files.write_json(out_dir / "results.json", rows)]
 
 
 def _safe(name: str) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import os
 from pathlib import Path
 
 import matplotlib
+
+from disttrain import files
 
 matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,13 +21,7 @@ def write_history(history: list[dict[str, float]], out_dir: Path) -> list[Path]:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = sorted({key for row in history for key in row}, key=lambda k: (k != "step", k))
-    table = out_dir / "metrics.csv"
-    tmp = out_dir / ".metrics.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, table)
+    table = files.write_csv(out_dir / "metrics.csv", history, columns)
 
     present = [(key, label) for key, label in CURVES if any(key in row for row in history)]
     fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)

@@ -26,6 +26,7 @@ import torch
 from accelerate.utils import set_seed
 
 from disttrain import config as config_lib
+from disttrain import files
 from disttrain.config import ConfigError
 from disttrain.runtime.accel import build_accelerator, resolve_strategy
 from disttrain.runtime.checkpoint import Checkpointer, complete_checkpoints
@@ -47,12 +48,6 @@ class StopRequested:
 
     def __bool__(self) -> bool:
         return self.signal is not None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def read_status(run_dir: str | os.PathLike) -> dict:
@@ -171,7 +166,7 @@ class Run:
         info.update(stage=self.stage, mlflow_run_id=tracker.run_id, parent_run_id=parent,
                     world_size=self.world_size, strategy=self.strategy, host=socket.gethostname(),
                     tracking_uri=getattr(tracker, "uri", ""), started=info.get("started", time.time()))
-        _write_json(info_path, info)
+        files.write_json(info_path, info)
         return tracker
 
     # -- training plumbing --------------------------------------------------------------------
@@ -245,7 +240,7 @@ class Run:
         gathered = self.accelerator.gather(local[None]).tolist()
         identical = all(row == gathered[0] for row in gathered)
         if self.is_main:
-            _write_json(self.run_dir / "replicas.json", {"world_size": self.world_size, "identical": identical,
+            files.write_json(self.run_dir / "replicas.json", {"world_size": self.world_size, "identical": identical,
                                                          "checksums": gathered})
         if not identical:
             raise RuntimeError(f"model replicas differ across ranks after training: {gathered} "
@@ -264,7 +259,7 @@ class Run:
 
     def _status(self, state: str, **extra: Any) -> None:
         if self.is_main:
-            _write_json(self.run_dir / "status.json", {"state": state, "stage": self.stage,
+            files.write_json(self.run_dir / "status.json", {"state": state, "stage": self.stage,
                                                        "time": time.time(), **extra})
 
     def save_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -285,7 +280,7 @@ class Run:
             if ema is not None:
                 ema_state = ema.module.state_dict()
                 save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
-            _write_json(tmp / "model.json", {**(info or {}), "stage": self.stage, "ema": ema is not None})
+            files.write_json(tmp / "model.json", {**(info or {}), "stage": self.stage, "ema": ema is not None})
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
@@ -307,7 +302,7 @@ class Run:
 
     def finish(self, summary: dict[str, Any], step: int) -> None:
         if self.is_main:
-            _write_json(self.run_dir / "summary.json", summary)
+            files.write_json(self.run_dir / "summary.json", summary)
             self.tracker.log_artifact(self.run_dir / "summary.json")
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         self._status("finished", **{**numbers, "step": step})
