@@ -99,6 +99,7 @@ def test_recipe_rejects_bad_input_before_compute(tmp_path, demo_root):
         ([data, "model.name=vit_tiny_patch16_224"], "only takes 224px inputs but data.image_size=16"),
         ([data, "model.pretrained=true", f"model.pretrained_file={tmp_path}/w.safetensors"], "never downloaded"),
         ([data, f"run_dir={tmp_path}/a_file/run"], "is not writable"),
+        ([data, f"checkpoint.resume={tmp_path}/step-00000100"], "is not a complete checkpoint"),
     ]
     for args, message in cases:
         proc = subprocess.run([sys.executable, str(REPO / "recipes/train_classifier.py"), "--preset", "debug",

@@ -29,7 +29,7 @@ from disttrain import config as config_lib
 from disttrain import files
 from disttrain.config import ConfigError
 from disttrain.runtime.accel import build_accelerator, resolve_strategy
-from disttrain.runtime.checkpoint import Checkpointer, complete_checkpoints
+from disttrain.runtime.checkpoint import META, Checkpointer, complete_checkpoints
 from disttrain.runtime.tracking import PARENT_ENV, NullTracker, Tracker
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: state saved, run the same command again to continue
@@ -102,6 +102,10 @@ class Run:
     def _prepare_run_dir(self) -> None:
         # every rank checks (the run dir is on a shared filesystem): an error raised on one rank
         # only would leave the others waiting at the next collective
+        resume = getattr(self.cfg, "checkpoint", None) and self.cfg.checkpoint.resume
+        if resume not in (None, "auto", "never") and not (Path(resume) / META).is_file():
+            raise ConfigError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no {META} in it); use "
+                              f"auto, never, or a path like {self.run_dir}/checkpoints/step-00001000")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / f".write-probe-{socket.gethostname()}-{os.getpid()}"
@@ -137,11 +141,7 @@ class Run:
             return None
         if choice == "auto":
             return self.checkpoints.latest()
-        path = Path(choice)
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.resume={choice!r}: no such checkpoint directory "
-                              f"(use auto, never, or a path like {self.run_dir}/checkpoints/step-00001000)")
-        return path
+        return Path(choice)  # checked in _prepare_run_dir
 
     def _start_tracking(self) -> NullTracker:
         if not self.is_main:
