@@ -93,6 +93,8 @@ def main(argv: list[str]) -> None:
     if fitting and not cfg.fit:
         raise ConfigError(f"scorers {fitting} fit ID statistics: pass fit=<the ID training split> "
                           f"(never the test set), or drop them from scorers")
+    if fitting and Path(cfg.fit).resolve() == Path(cfg.id).resolve():
+        raise ConfigError(f"fit={cfg.fit!r} is the ID test set: scorers must fit on the ID training split")
     fit_set = open_source(cfg.fit, image_size) if fitting else None
     if cfg.use_ema and not card.get("ema"):
         raise ConfigError(f"use_ema=true but {cfg.model} saved no EMA weights (its runtime.ema_decay was 0)")

@@ -78,6 +78,7 @@ def test_bad_input_is_named_before_the_long_pass(classifier, demo_root, tmp_path
         ([f"model={classifier}", *ok, "scorers=[msp,nosuch]"], f"unknown scorer 'nosuch'; registered scorers: {every}"),
         ([f"model={classifier}", *ok, "scorers=[odin]", "scorer_args=[odin.temp=3]"], "temperature"),
         ([f"model={classifier}", *ok, "scorers=[mahalanobis]"], "fit=<the ID training split>"),
+        ([f"model={classifier}", *ok, "scorers=[vim]", f"fit={demo_root}/test"], "is the ID test set"),
         ([f"model={classifier}", f"id={demo_root}/test", "ood=[noise:pink]"], "noise:gaussian"),
         ([f"model={classifier}", *ok, "use_ema=true", "scorers=[msp]", "base_rate=five"], "base_rate='five'"),
     ]
