@@ -130,13 +130,17 @@ LOGIT_FORMULAS = [
 
 @pytest.mark.parametrize("name, hp, formula", LOGIT_FORMULAS, ids=[f"{n}{hp or ''}" for n, hp, _ in LOGIT_FORMULAS])
 def test_logit_scorer_matches_formula(name, hp, formula):
-    got = scorers.get(name, **hp).score(Features(logits=LOGITS)).numpy()
+    got = scorers.get(name, **hp).score(Features(logits=LOGITS.double())).numpy()
     np.testing.assert_allclose(got, formula(LOGITS.double().numpy()), rtol=1e-12, atol=1e-15)
+    # float32 features (what the extractor gives) are scored in float32, returned as float64
+    got32 = scorers.get(name, **hp).score(Features(logits=LOGITS))
+    assert got32.dtype == torch.float64
+    np.testing.assert_allclose(got32.numpy(), formula(LOGITS.double().numpy()), rtol=1e-6, atol=1e-6)
 
 
 def test_logit_scorers_hand_values():
     e2 = math.exp(2)
-    f = Features(logits=LOGITS[:2])
+    f = Features(logits=LOGITS[:2].double())
     np.testing.assert_allclose(scorers.get("msp").score(f), [-e2 / (e2 + 2), -1 / 3], rtol=1e-12)
     np.testing.assert_allclose(scorers.get("energy").score(f), [-math.log(e2 + 2), -(1 + math.log(3))], rtol=1e-12)
     np.testing.assert_allclose(scorers.get("maxlogit").score(f), [-2, -1])
@@ -323,7 +327,7 @@ def test_react_matches_formula_with_known_percentile():
     scorer = scorers.get("react", weight=w, bias=b).fit(_split(fit, [1, 3]))
     # 90th percentile of 1..12 (numpy linear): 1 + 0.9 * 11 = 10.9
     assert scorer.threshold == pytest.approx(10.9) == pytest.approx(np.percentile(np.arange(1, 13), 90))
-    h = torch.tensor([[20.0, 1.0, 3.0], [0.0, 11.0, 10.0]])
+    h = torch.tensor([[20.0, 1.0, 3.0], [0.0, 11.0, 10.0]], dtype=torch.float64)
     got = scorer.score(Features(logits=torch.zeros(2, 2), penultimate=h))
     clipped = np.array([[10.9, 1, 3], [0, 10.9, 10]])
     z = clipped @ w.double().numpy().T + b.double().numpy()
