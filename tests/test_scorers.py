@@ -484,3 +484,14 @@ def test_mahalanobis_perturbation_decreases_distance():
     x = x_fit[:5] * 1.5
     x_pert = scorer.perturb(forward, x)
     assert (scorer.score(forward(x_pert)) < scorer.score(forward(x))).all()
+
+
+def test_scoring_in_chunks_equals_scoring_at_once(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    fit = Features(logits=torch.randn(40, 3, generator=g), penultimate=torch.randn(40, 6, generator=g),
+                   labels=torch.arange(40) % 3)
+    test = Features(logits=torch.randn(10, 3, generator=g), penultimate=torch.randn(10, 6, generator=g))
+    scorer = scorers.get("mahalanobis").fit([fit])
+    whole = scorer.score(test)
+    monkeypatch.setattr(scorers, "SCORE_CHUNK", 3)
+    assert torch.equal(scorer.score(test), whole)

@@ -51,13 +51,9 @@ def concat(parts: list[Features]) -> Features:
         labels=None if first.labels is None else torch.cat([p.labels for p in parts]))
 
 
-def take(features: Features, order: torch.Tensor) -> Features:
+def take(features: Features, order: torch.Tensor | slice) -> Features:
     """Rows `order` of every field."""
-    return Features(
-        logits=features.logits[order],
-        penultimate=None if features.penultimate is None else features.penultimate[order],
-        blocks=None if features.blocks is None else [b[order] for b in features.blocks],
-        labels=None if features.labels is None else features.labels[order])
+    return features.rows(order)
 
 
 def to_cpu(features: Features) -> Features:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BlockKind = Literal["pooled", "gram"]
+SCORE_CHUNK = 8192  # rows scored at once; Mahalanobis/ViM make float64 copies of N x D per call
 
 __all__ = [
     "Features", "Scorer", "ClassifierScorer", "SCORERS", "register", "get", "names", "UnknownScorerError",
@@ -58,6 +59,14 @@ class Features:
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
+
+    def rows(self, index: Tensor | slice) -> "Features":
+        """The same fields for the samples `index` selects."""
+        return Features(
+            logits=self.logits[index],
+            penultimate=None if self.penultimate is None else self.penultimate[index],
+            blocks=None if self.blocks is None else [b[index] for b in self.blocks],
+            labels=None if self.labels is None else self.labels[index])
 
 
 FitData = Union[Iterable[Features], Callable[[], Iterable[Features]]]
@@ -209,6 +218,9 @@ class Scorer:
             raise RuntimeError(f"scorer {self.name!r} needs fitting on the ID training split first "
                                f"(fit(batches), or fit_batch()/fit_end() for {self.fit_passes} pass(es))")
         self._check(features, fitting=False)
+        if len(features) > SCORE_CHUNK:  # per-sample scores: chunks bound the float64 intermediates
+            return torch.cat([self.score(features.rows(slice(i, i + SCORE_CHUNK)))
+                              for i in range(0, len(features), SCORE_CHUNK)])
         scores = self._score(features).to(torch.float64)
         if scores.shape != (len(features),):
             raise AssertionError(f"scorer {self.name!r} returned shape {tuple(scores.shape)} "
