@@ -10,15 +10,19 @@ Ours fits streaming (`--batch-size` rows per fit_batch); pytorch-ood fits on the
 call, as recipes/evaluate.py does. Agreement: Spearman and Pearson correlation of the two
 libraries' scores (both are higher = more OOD). Not a test: a measurement to quote.
 
-    pip install --no-deps pytorch-ood==0.4.0     # the baseline (torch/numpy/scipy already there)
-    python recipes/benchmark_scorers.py                                   # 200 000 x 2048, all scorers
-    python recipes/benchmark_scorers.py --scorers mahalanobis,vim --num-samples 20000 --out runs/x.json
+    .venv/bin/pip install --no-deps pytorch-ood==0.4.0   # the baseline (torch/numpy/scipy already there)
+    python recipes/benchmark_scorers.py                      # 200 000 x 2048, all scorers (Gram: skipped)
+    python recipes/benchmark_scorers.py --scorers mahalanobis,vim --num-samples 50000 \
+        --out runs/benchmark_scorers/results_50k_fitted.json  # the D^2-per-sample scorers at a smaller N
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
+import hashlib
+import importlib.metadata
 import json
 import os
 import resource
@@ -50,7 +54,7 @@ NOTES = {"odin": "pytorch-ood's ODIN needs a model and an input gradient even at
 
 def import_pytorch_ood():
     try:
-        import pytorch_ood.detector as detector
+        from pytorch_ood import detector
     except ImportError:
         sys.exit("pytorch-ood is not installed; install the baseline without touching torch:\n"
                  "    .venv/bin/pip install --no-deps pytorch-ood==0.4.0")
@@ -58,6 +62,7 @@ def import_pytorch_ood():
 
 
 ROOT = Path(__file__).resolve().parents[1]
+SCORERS_SHA = hashlib.sha256(Path(ours_lib.__file__).read_bytes()).hexdigest()[:12]  # the code measured
 
 
 # ----------------------------------------------------------------------------- data
@@ -95,13 +100,13 @@ def make_data(n: int, args, seed: int, ood: bool) -> tuple[Tensor, Tensor, Tenso
 # ----------------------------------------------------------------------------- the two libraries
 
 def run_ours(name: str, fit, test, args) -> tuple[Tensor, float, float]:
-    hyper = {"odin": dict(temperature=1000.0, epsilon=0.0), "energy": dict(temperature=1.0),
-             "react": dict(percentile=90.0)}.get(name, {})
+    hyper = {"odin": {"temperature": 1000.0, "epsilon": 0.0}, "energy": {"temperature": 1.0},
+             "react": {"percentile": 90.0}}.get(name, {})
+    _, _, weight, bias = head(args.dim, args.classes, args.seed)
+    t0 = time.perf_counter()  # as for theirs, building the scorer (ViM: pinv(W)) counts as fitting
     scorer = ours_lib.get(name, **hyper)
     if scorer.needs_classifier:
-        _, _, weight, bias = head(args.dim, args.classes, args.seed)
         scorer.set_classifier(weight, bias)
-    t0 = time.perf_counter()
     if scorer.needs_fit:
         x, logits, labels = fit
         for _ in range(scorer.fit_passes):
@@ -114,15 +119,19 @@ def run_ours(name: str, fit, test, args) -> tuple[Tensor, float, float]:
     return scores, t1 - t0, time.perf_counter() - t1
 
 
+THEIR_LOGIT_DETECTORS = {"msp": ("MaxSoftmax", {}), "odin": ("MaxSoftmax", {"t": 1000.0}),
+                         "energy": ("EnergyBased", {"t": 1.0}), "maxlogit": ("MaxLogit", {}),
+                         "entropy": ("Entropy", {}), "kl_matching": ("KLMatching", {})}
+
+
 def run_theirs(name: str, fit, test, args) -> tuple[Tensor, float, float]:
     det = import_pytorch_ood()
     _, _, weight, bias = head(args.dim, args.classes, args.seed)
     t0 = time.perf_counter()
-    if name in ("msp", "odin", "energy", "maxlogit", "entropy", "kl_matching"):
-        d = {"msp": lambda: det.MaxSoftmax(None), "odin": lambda: det.MaxSoftmax(None, t=1000.0),
-             "energy": lambda: det.EnergyBased(None, t=1.0), "maxlogit": lambda: det.MaxLogit(None),
-             "entropy": lambda: det.Entropy(None), "kl_matching": lambda: det.KLMatching(None)}[name]()
-        if name == "kl_matching":
+    if name in THEIR_LOGIT_DETECTORS:
+        cls, hyper = THEIR_LOGIT_DETECTORS[name]
+        d = getattr(det, cls)(None, **hyper)
+        if d.requires_fit:
             d.fit_logits(fit[1], fit[2])
         predict, inputs = d.predict_logits, test[1]
     elif name == "mahalanobis":
@@ -158,6 +167,7 @@ def child(args) -> None:
     fit = make_data(args.num_fit_samples, args, args.seed + 1, ood=False) if needs_fit else None
     test = make_data(args.num_samples, args, args.seed + 2, ood=True)
     gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # freed heap pages of the data build are not a baseline to reuse
     base = rss_mib()
     try:  # reset the peak-RSS high-water mark, so that ru_maxrss is the peak from here on
         Path("/proc/self/clear_refs").write_text("5")
@@ -176,7 +186,7 @@ def child(args) -> None:
     np.save(args.scores_file, scores)
     print(json.dumps({"fit_s": statistics.median(fit_s), "score_s": statistics.median(score_s),
                       "fit_all_s": fit_s, "score_all_s": score_s, "peak_mib": peak,
-                      "data_rss_mib": base, "incr_mib": peak - base, "peak_reset": reset}))
+                      "data_rss_mib": base, "incr_mib": peak - base, "peak_reset": reset, "scorers_sha": SCORERS_SHA}))
 
 
 def measure(lib: str, name: str, args, tmp: str) -> tuple[dict, np.ndarray]:
@@ -184,7 +194,8 @@ def measure(lib: str, name: str, args, tmp: str) -> tuple[dict, np.ndarray]:
     cmd = [sys.executable, __file__, "--child", lib, name, "--scores-file", path] + [
         f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
         ("num_samples", "num_fit_samples", "dim", "classes", "batch_size", "repeats", "threads", "seed")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode:
         raise RuntimeError(f"{lib} {name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(path)
@@ -230,6 +241,9 @@ def main() -> None:
             print(f"{name}: time ratio {row['time_ratio']:.2f}, memory ratio {row['memory_ratio']:.2f}, "
                   f"spearman {row['spearman']:.6f}", flush=True)
     load.append(os.getloadavg()[0])
+    shas = sorted({r[k]["scorers_sha"] for r in rows if "ours" in r for k in ("ours", "theirs")} | {SCORERS_SHA})
+    if len(shas) > 1:
+        print(f"WARNING: disttrain/ood/scorers.py changed during the run (sha256 {shas}): rerun", file=sys.stderr)
     header = ("scorer", "ours fit s", "theirs fit s", "ours score s", "theirs score s", "time ratio",
               "ours peak MiB (+incr)", "theirs peak MiB (+incr)", "mem ratio", "spearman", "pearson")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -249,7 +263,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".tmp")
     config = {k: v for k, v in vars(args).items() if k not in ("child", "scores_file")}
-    tmp_out.write_text(json.dumps({"config": config, "torch": torch.__version__, "loadavg_1min": load,
+    versions = {"torch": torch.__version__, "pytorch_ood": importlib.metadata.version("pytorch-ood"),
+                "scorers_py_sha256": shas}
+    tmp_out.write_text(json.dumps({"config": config, "versions": versions, "loadavg_1min": load,
                                    "rows": rows, "table": lines}, indent=2))
     os.replace(tmp_out, out)
     print(f"wrote {out}")
