@@ -10,8 +10,11 @@ at the ID:OOD base rate (mean +- std over seeded draws) and ID accuracy go into 
         ood=[/data/shards/cub/holdout,/data/places365,/data/dtd/images,noise:gaussian]
     sbatch slurm/evaluate.sh --preset mixupoe model=... id=... fit=... ood=[...]
 
-Output (run_dir): results.md / .csv / .json, plots/ (ROC, PR, score densities), summary.json
--- and the MLflow run.
+`interpolate=[0.5,0.6,0.7]` adds pixel-space interpolations of ID test images with an OOD set
+(mixupoe.txt Fig. 4) as further OOD sets.
+
+Output (run_dir): results.md / .csv / .json, scores.npz (every sample's score per scorer and
+set, for recipes/report.py), plots/ (ROC, PR, score densities), summary.json -- and the MLflow run.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from disttrain import config
+from disttrain import config, files
 from disttrain.config import ConfigError, EvaluateConfig, ModelConfig
-from disttrain.data.sources import EvalSource, open_source
+from disttrain.data.sources import EvalSource, interpolated_source, open_source
 from disttrain.data.transforms import eval_transform
 from disttrain.models.classifier import build_classifier
 from disttrain.ood import scorers as scorer_registry
@@ -73,6 +76,8 @@ def main(argv: list[str]) -> None:
     cfg = config.parse_cli(EvaluateConfig, argv)
     # -- every input checked before the long pass --------------------------------------------
     card = classifier_card(cfg.model)
+    if card.get("score") and card["score"] not in cfg.scorers:  # the score a fine-tuning method is evaluated with
+        cfg.scorers.append(card["score"])
     args = parse_scorer_args(cfg.scorer_args, cfg.scorers)
     try:
         scorers = {name: scorer_registry.get(name, **args[name]) for name in cfg.scorers}
@@ -81,6 +86,9 @@ def main(argv: list[str]) -> None:
     image_size, resize = card["image_size"], card["resize_size"]
     id_set = open_source(cfg.id, image_size)
     ood_sets = [open_source(spec, image_size) for spec in cfg.ood]
+    if cfg.interpolate:
+        mixed_in = ood_sets[cfg.ood.index(cfg.interpolate_with) if cfg.interpolate_with else -1]
+        ood_sets += [interpolated_source(id_set, mixed_in, lam, cfg.interpolate_max) for lam in cfg.interpolate]
     names = [id_set.name] + [s.name for s in ood_sets]
     if len(set(names)) != len(names):
         raise ConfigError(f"evaluation sets need distinct names, got {names}: rename a folder or drop a duplicate")
@@ -177,7 +185,9 @@ def main(argv: list[str]) -> None:
                     rows.append({"scorer": name, "ood": ood.name, "id": id_set.name, "id_accuracy": accuracy,
                                  **metrics})
                     run.log({f"{ood.name}/{name}/{k}": float(v) for k, v in metrics.items()}, 0)
-            for path in write_tables(rows, run.run_dir):
+            per_sample = {f"{name}/{set_name}": values for name, by_set in scores.items()
+                          for set_name, values in by_set.items()}
+            for path in [*write_tables(rows, run.run_dir), files.write_npz(run.run_dir / "scores.npz", per_sample)]:
                 run.save_artifact(path)
             if cfg.plots:
                 for path in write_plots(scores, id_set.name, run.run_dir / "plots"):

@@ -14,7 +14,6 @@ config.json, summary.json, tracking/ -- and the MLflow run.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -26,9 +25,11 @@ from disttrain.config import TrainClassifierConfig
 from disttrain.data.shards import MANIFEST, ShardSplit
 from disttrain.data.stream import ShardReader
 from disttrain.data.sources import open_source
-from disttrain.data.transforms import eval_transform, train_transform
+from disttrain.data.transforms import train_transform
 from disttrain.models.classifier import build_classifier, check_classifier_config
 from disttrain.runtime import TrainLoop, entrypoint, start_run
+from disttrain.runtime.loop import total_steps
+from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.optim import build_optimizer, build_schedule
 
 
@@ -48,51 +49,28 @@ def main(argv: list[str]) -> None:
         reader = ShardReader(train_split, train_transform(data.image_size, data.resize_size, data.augment),
                              batch_size=cfg.batch.micro_size, rank=run.rank, world_size=run.world_size,
                              num_workers=data.num_workers, seed=cfg.runtime.seed, shuffle_buffer=data.shuffle_buffer)
-        steps_per_epoch = reader.batches_per_epoch // run.grad_accum_steps
-        total_steps = steps_per_epoch * cfg.train.num_epochs
-        if cfg.train.max_steps:
-            total_steps = min(total_steps, cfg.train.max_steps) if cfg.train.num_epochs else cfg.train.max_steps
+        steps = total_steps(reader.batches_per_epoch, run.grad_accum_steps, cfg.train.num_epochs,
+                            cfg.train.max_steps)
         optimizer = build_optimizer(cfg.optim, cfg.batch, model)
-        scheduler = build_schedule(cfg.optim, optimizer, total_steps)
+        scheduler = build_schedule(cfg.optim, optimizer, steps)
 
         run.log_data("train", train_split.root / MANIFEST)
 
         # -- prepare -------------------------------------------------------------------------
         model, optimizer = run.prepare(model, optimizer)
-        test_loader = test_set.loader(eval_transform(data.image_size, data.resize_size), batch_size=cfg.batch.micro_size,
-                                      rank=run.rank, world_size=run.world_size, num_workers=data.num_workers)
-        test_batches = test_set.most_batches(cfg.batch.micro_size, run.world_size, data.num_workers)
-
-        def to_device(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            images = images.to(run.device, memory_format=memory_format, non_blocking=True)
-            return images, labels.to(run.device, non_blocking=True)
+        tester = ClassifierEval(run, test_set, image_size=data.image_size, resize_size=data.resize_size,
+                                batch_size=cfg.batch.micro_size, num_workers=data.num_workers,
+                                channels_last=cfg.runtime.channels_last)
 
         def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-            images, labels = to_device(*batch)
+            images, labels = tester.images(batch[0]), tester.labels(batch[1])
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
             return {"loss": loss, "acc1": (logits.argmax(1) == labels).float().mean()}
 
-        def accuracy(net: torch.nn.Module) -> float:
-            def correct(batch: tuple) -> torch.Tensor:
-                images, labels = to_device(batch[0], batch[1])
-                return torch.stack([(net(images).argmax(1) == labels).sum(), labels.new_tensor(len(labels))])
-
-            counts = run.eval_batches(test_loader, test_batches, correct)
-            total = torch.stack(counts).sum(0) if counts else torch.zeros(2, dtype=torch.long, device=run.device)
-            hits, seen = run.accelerator.reduce(total, reduction="sum").tolist()
-            return hits / max(seen, 1)
-
-        def evaluate() -> dict[str, float]:
-            metrics = {"eval/acc1": accuracy(run.eval_model(model))}
-            if ema is not None:
-                metrics["eval/acc1_ema"] = accuracy(ema.module)
-            return metrics
-
         # -- loop ----------------------------------------------------------------------------
-        started = time.perf_counter()
-        loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, ema=ema, eval_fn=evaluate,
-                         data_counters=reader.problems)
+        loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, ema=ema,
+                         eval_fn=lambda: tester.metrics(model, ema), data_counters=reader.problems)
         result = loop.fit(reader.loader, batches_per_epoch=reader.batches_per_epoch,
                           num_epochs=cfg.train.num_epochs, max_steps=cfg.train.max_steps)
 
@@ -100,17 +78,9 @@ def main(argv: list[str]) -> None:
         model_dir = run.save_model(model, ema=ema, info={
             "model": cfg.model.name, "num_classes": train_split.num_classes, "classes": train_split.classes,
             "image_size": data.image_size, "resize_size": data.resize_size})
-        throughput = [h["perf/samples_per_s"] for h in loop.history]
-        summary = {"eval/acc1": result.get("eval/acc1", float("nan")), "step": result["step"],
-                   "images_per_s": sum(throughput) / len(throughput) if throughput else float("nan"),
-                   "world_size": run.world_size, "wall_clock_s": time.perf_counter() - started,
-                   "skipped_steps": result["skipped_steps"], "replicas_identical": result["replicas_identical"],
-                   "model_dir": str(model_dir)}
-        if ema is not None:
-            summary["eval/acc1_ema"] = result.get("eval/acc1_ema", float("nan"))
+        summary = loop.summary(result, model_dir=str(model_dir))
         run.finish(summary, step=result["step"])
         run.print_summary(summary)
-
 
 if __name__ == "__main__":
     entrypoint(main)

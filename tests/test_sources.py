@@ -69,3 +69,25 @@ def test_synthetic_validation_outliers_by_spec(tmp_path):
         open_source("synthetic:pixelate:5", 8)
     with pytest.raises(DataError, match="rademacher"):
         open_source("synthetic:sparkles", 8)
+
+
+def test_pixel_space_interpolations_mix_id_image_i_with_ood_image_i_mod_n(demo_root):
+    from disttrain.data.sources import interpolated_source
+
+    def as_float(img):
+        return to_tensor(img).double()
+
+    id_set, ood_set = open_source(str(demo_root / "test"), 32), open_source("noise:uniform:7", 32)
+    mixed = interpolated_source(id_set, ood_set, 0.7, count=20)
+    assert mixed.name == "interp-0.7" and mixed.num_samples == 20
+    got = {}
+    for rank in range(2):
+        for images, labels, index in mixed.loader(as_float, batch_size=3, rank=rank, world_size=2, num_workers=2):
+            got.update({int(i): img for img, i in zip(images, index)})
+    assert sorted(got) == list(range(20))
+    id_images = {i: as_float(img) for i, img in id_set.images(set(range(20))).items()}
+    ood_images = {i: as_float(img) for i, img in ood_set.images(set(range(7))).items()}
+    for i in (0, 6, 7, 19):
+        assert torch.allclose(got[i], 0.7 * id_images[i] + 0.3 * ood_images[i % 7])
+    with pytest.raises(DataError, match="outside"):
+        interpolated_source(id_set, ood_set, 1.5)

@@ -99,16 +99,19 @@ class EvalSource:
         share = -(-self.num_samples // world_size)
         return -(-share // batch_size) + max(num_workers, 1) - 1
 
-    def pixels(self, indices: set[int], size: int) -> dict[int, np.ndarray]:
-        """The images at `indices` as size x size uint8 arrays (one pass over the set)."""
-        to_array = lambda img: torch.from_numpy(np.array(img.convert("RGB").resize((size, size))))  # noqa: E731
+    def images(self, indices: set[int]) -> dict[int, Image.Image]:
+        """The decoded RGB images at `indices` (one pass over the set)."""
         out = {}
-        stream = self.stream(to_array, 0, 1)
+        stream = self.stream(lambda img: img.convert("RGB"), 0, 1)
         stream.whole = True  # read by one loader worker on its own
         for image, _, index in stream:
             if index in indices:
-                out[index] = image.numpy()
+                out[index] = image
         return out
+
+    def pixels(self, indices: set[int], size: int) -> dict[int, np.ndarray]:
+        """The images at `indices` as size x size uint8 arrays (one pass over the set)."""
+        return {i: np.array(img.resize((size, size))) for i, img in self.images(indices).items()}
 
 
 def _records_source(name: str, spec: str, records: list[Record], classes: list[str]) -> EvalSource:
@@ -166,6 +169,37 @@ class _SyntheticFromId(IterableDataset):
             image = make_outlier(self.kind, index, self.size, id_images=pixels.__getitem__,
                                  num_id=self.id_set.num_samples)
             yield self.transform(Image.fromarray(image)), -1, index
+
+
+def interpolated_source(id_set: EvalSource, ood_set: EvalSource, lam: float, count: int = 0) -> EvalSource:
+    """Pixel-space interpolations lam * x_id + (1 - lam) * x_ood (mixupoe.txt Section 3.3, Fig. 4):
+    sample i mixes ID image i with OOD image i mod |OOD|, both through the evaluation transform
+    (its normalisation is affine, so mixing after it equals mixing the pixels); `count` caps the
+    number (0: as many as ID images)."""
+    if not 0.0 <= lam <= 1.0:
+        raise DataError(f"interpolation weight {lam} is outside [0, 1]")
+    count = min(count, id_set.num_samples) if count else id_set.num_samples
+
+    def stream(transform: Transform, rank: int, world_size: int) -> IterableDataset:
+        return _InterpolatedStream(id_set, ood_set, lam, count, transform, rank, world_size)
+
+    return EvalSource(f"interp-{lam:g}", f"interpolate:{lam:g}:{id_set.spec}+{ood_set.spec}", count, [], stream)
+
+
+class _InterpolatedStream(IterableDataset):
+    def __init__(self, id_set: EvalSource, ood_set: EvalSource, lam: float, count: int, transform: Transform,
+                 rank: int, world_size: int):
+        self.id_set, self.ood_set, self.lam, self.count = id_set, ood_set, lam, count
+        self.transform, self.rank, self.world_size = transform, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
+        mine = list(_my_indices(self, self.count, self.rank, self.world_size))
+        id_images = self.id_set.images(set(mine))
+        ood_images = self.ood_set.images({i % self.ood_set.num_samples for i in mine})
+        for index in mine:
+            x_id = self.transform(id_images[index])
+            x_ood = self.transform(ood_images[index % self.ood_set.num_samples])
+            yield self.lam * x_id + (1 - self.lam) * x_ood, -1, index
 
 
 def _layout_source(spec: str) -> EvalSource:

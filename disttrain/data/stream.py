@@ -263,12 +263,31 @@ class OutlierStream(_StreamBase):
     `batches_per_epoch` micro-batches per rank."""
 
     def __init__(self, split: ShardSplit, transform: Transform | None, *, batch_size: int, batches_per_epoch: int,
-                 rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int):
+                 rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
+                 keep_labels: frozenset[int] | None = None):
+        """`keep_labels`: serve only samples of these classes (None: all); shards whose manifest
+        entry counts none of them are never drawn."""
         super().__init__(split, transform, batch_size=batch_size, rank=rank, world_size=world_size,
                          num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
         if batches_per_epoch < 1:
             raise DataError(f"an outlier stream needs at least one batch per epoch (got {batches_per_epoch})")
         self.batches_per_epoch = batches_per_epoch
+        self.keep_labels = keep_labels
+        self.shards = list(range(len(split.shard_names)))
+        if keep_labels is not None:
+            entries = split.manifest.get("shards", [])
+            self.shards = [i for i in self.shards if "class_counts" not in entries[i]
+                           or any(entries[i]["class_counts"][c] for c in keep_labels)]
+            if not self.shards:
+                raise DataError(f"{split.root}: no shard holds a sample of the classes kept for the outlier stream")
+
+    def _kept(self, sample: dict[str, Any]) -> bool:
+        if self.keep_labels is None:
+            return True
+        try:
+            return int(sample.get("cls", -1)) in self.keep_labels
+        except (TypeError, ValueError):
+            return True  # an unreadable label: serve() counts the sample as damaged
 
     def raw_samples(self, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(seed_of(self.seed, "outliers", epoch, self.rank, slot))
@@ -276,11 +295,12 @@ class OutlierStream(_StreamBase):
 
         def draws() -> Iterator[dict[str, Any]]:
             for _ in range(1 << 62):
-                index = rng.randrange(len(names))
+                index = self.shards[rng.randrange(len(self.shards))]
                 got = 0
                 for sample in _shard_samples(self.split.root / names[index], self._problems):
                     got += 1
-                    yield sample
+                    if self._kept(sample):
+                        yield sample
                 if got < self.split.shard_sizes[index]:
                     self._problems.add("truncated_shards", f"{self.split.shard_sizes[index] - got} samples "
                                        f"missing from {names[index]}")

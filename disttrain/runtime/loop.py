@@ -56,6 +56,14 @@ def _batch_size(batch: Any) -> int:
     return int(first.shape[0])
 
 
+def total_steps(batches_per_epoch: int, grad_accum_steps: int, num_epochs: int, max_steps: int = 0) -> int:
+    """Optimizer steps of a run (what a LR schedule is built for): whole epochs, cut at max_steps."""
+    total = (batches_per_epoch // grad_accum_steps) * num_epochs
+    if max_steps > 0:
+        total = min(total, max_steps) if num_epochs > 0 else max_steps
+    return total
+
+
 class TrainLoop:
     def __init__(self, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
                  scheduler: Any = None, ema: torch.nn.Module | None = None, eval_fn: EvalFn | None = None,
@@ -172,10 +180,10 @@ class TrainLoop:
             raise ValueError(f"an epoch has {batches_per_epoch} micro-batches per rank, fewer than the "
                              f"{accum} accumulation steps of one optimizer step; use more data or a smaller "
                              f"batch.global_size")
-        total = steps_per_epoch * num_epochs
+        total = total_steps(batches_per_epoch, accum, num_epochs, max_steps)
         if max_steps > 0:
-            total = min(total, max_steps) if num_epochs > 0 else max_steps
             num_epochs = math.ceil(total / steps_per_epoch)
+        self._started = time.perf_counter()
         self.run.resume()
         bar = tqdm(total=total, initial=self.state.step, disable=not (self.run.is_main and self.cfg.progress_bar),
                    desc=self.run.stage, dynamic_ncols=True, mininterval=1.0)
@@ -207,6 +215,15 @@ class TrainLoop:
                 self.run.save_artifact(path, "report")
         return {**self.last_eval, "step": self.state.step, "skipped_steps": self.state.skipped_steps,
                 "replicas_identical": self.run.check_replicas(self.model)}
+
+    def summary(self, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """What a training stage reports at the end: the last evaluation, steps, throughput."""
+        throughput = [h["perf/samples_per_s"] for h in self.history]
+        evals = {k: v for k, v in result.items() if k.startswith("eval/")}
+        return {**evals, "step": result["step"],
+                "images_per_s": sum(throughput) / len(throughput) if throughput else float("nan"),
+                "world_size": self.run.world_size, "wall_clock_s": time.perf_counter() - self._started,
+                "skipped_steps": result["skipped_steps"], "replicas_identical": result["replicas_identical"], **extra}
 
     def _after_step(self, bar: tqdm, total: int, steps_per_epoch: int) -> None:
         state = self.state

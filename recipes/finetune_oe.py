@@ -1,0 +1,173 @@
+"""Stage: outlier-exposure fine-tuning (mixupoe.txt Section 4, App. D.1/D.3).
+
+Starts from a finished Standard classifier (train_classifier) -- or from scratch, Section
+5.4 -- and trains on ID batches plus outlier batches streamed with replacement from a shard
+pool (WebVision in the paper, the benchmark's classes excluded), with one objective:
+
+    oe         CE(ID) + beta * CE(outliers, uniform)                                    Eq. 1
+    energy_oe  CE(ID) + weight * energy margins m_in / m_out                           Liu et al.
+    mixup_oe   CE(ID) + beta_id_ood * CE(mixup(ID, outlier), lam y + (1 - lam) U)      Eq. 3
+               (mixup_oe.terms=[id,id_id,id_ood,ood] gives the four terms of Eq. 2)
+
+ID images, mixed images and outliers go through one forward pass (BatchNorm sees them
+together). Paper settings: `--preset bird|dog|flower|car|aircraft` (10 epochs, cosine from
+1e-3, ID batch 32 + outlier batch 32), `--preset inet_a|inet_b` for the coarse setting.
+
+    accelerate launch --multi_gpu --num_processes 8 recipes/finetune_oe.py --preset bird method=mixup_oe \
+        standard=runs/train_classifier/bird data.root=/data/shards/cub outliers.root=/data/shards/webvision
+    sbatch slurm/finetune_oe.sh --preset bird method=oe standard=... data.root=... outliers.root=...
+
+Output (run_dir): model/ (weights + model.json with the method and its OOD score), checkpoints/,
+config.json, summary.json -- and the MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from timm.utils import ModelEmaV3
+
+from disttrain import config
+from disttrain.config import ConfigError, FinetuneOEConfig
+from disttrain.data.class_filter import stream_classes
+from disttrain.data.shards import MANIFEST, ShardSplit, seed_of
+from disttrain.data.sources import open_source
+from disttrain.data.stream import OutlierStream, ShardReader
+from disttrain.data.transforms import train_transform
+from disttrain.methods.outlier_exposure import build_objective
+from disttrain.models.classifier import build_classifier, check_classifier_config
+from disttrain.runtime import TrainLoop, entrypoint, start_run
+from disttrain.runtime.classify import ClassifierEval
+from disttrain.runtime.loop import total_steps
+from disttrain.runtime.optim import build_optimizer, build_schedule
+from disttrain.runtime.saved import load_saved_classifier, saved_model_card
+
+
+def standard_card(cfg: FinetuneOEConfig, train_split: ShardSplit) -> dict[str, Any] | None:
+    """The Standard classifier's model card, checked against the ID data; None from scratch."""
+    if cfg.from_scratch:
+        return None
+    try:
+        card = saved_model_card(cfg.standard)
+    except ConfigError as err:
+        raise ConfigError(f"standard={cfg.standard!r}: {err}") from None
+    if card.get("stage") != "train_classifier":
+        raise ConfigError(f"standard={cfg.standard!r} holds a {card.get('stage')!r} model, not a Standard one: point "
+                          f"at the run dir of a finished train_classifier stage")
+    if card["classes"] != train_split.classes:
+        raise ConfigError(f"standard={cfg.standard!r} was trained on {card['num_classes']} classes "
+                          f"({card['classes'][:3]}...), the ID split {train_split.root} has {train_split.num_classes} "
+                          f"({train_split.classes[:3]}...): fine-tune on the data the Standard model learned")
+    for key in ("image_size", "resize_size"):
+        if card[key] != getattr(cfg.data, key):
+            raise ConfigError(f"standard={cfg.standard!r} was trained with {key}={card[key]}: set data.{key}="
+                              f"{card[key]}")
+    return card
+
+
+def outlier_micro_batch(cfg: FinetuneOEConfig, world_size: int) -> int:
+    """Outliers per micro-batch, so that outliers.batch_size arrive per optimizer step."""
+    per_step = cfg.outliers.batch_size * cfg.batch.micro_size
+    if per_step % cfg.batch.global_size:
+        raise ConfigError(f"outliers.batch_size={cfg.outliers.batch_size} per optimizer step does not split into "
+                          f"micro-batches of batch.micro_size={cfg.batch.micro_size} out of batch.global_size="
+                          f"{cfg.batch.global_size} on {world_size} processes; pick sizes that divide")
+    return per_step // cfg.batch.global_size
+
+
+def main(argv: list[str]) -> None:
+    cfg = config.parse_cli(FinetuneOEConfig, argv)
+    if cfg.hparams_from:  # a sweep's chosen values, under what the command line sets
+        cfg = config.parse_cli(FinetuneOEConfig, [*config.sweep_choice(cfg.hparams_from), *argv])
+    data, out = cfg.data, cfg.outliers
+    # -- every input checked before any compute ------------------------------------------------
+    train_split = ShardSplit.open(Path(data.root) / data.train_split)
+    test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size)
+    card = standard_card(cfg, train_split)
+    if card is None:
+        check_classifier_config(cfg.model, data.image_size)
+    pool = ShardSplit.open(out.root)
+    keep, exclusions = stream_classes(pool.classes, pool.manifest.get("class_ids", []),
+                                      pool.manifest.get("class_counts", []), benchmark=out.exclude_benchmark,
+                                      exclude_ids=out.exclude_ids, wordnet_dir=out.wordnet)
+    method_params = dataclasses.asdict(getattr(cfg, cfg.method))
+    objective = build_objective(cfg.method, train_split.num_classes, **method_params)
+
+    with start_run(cfg) as run:
+        # -- build ---------------------------------------------------------------------------
+        if card is None:
+            model = build_classifier(cfg.model, train_split.num_classes, data.image_size)
+            model_name = cfg.model.name
+        else:
+            model, _ = load_saved_classifier(cfg.standard)
+            model = model.train().requires_grad_(True)
+            model_name = card["model"]
+        memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+        model = model.to(run.device, memory_format=memory_format)
+        ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
+        transform = train_transform(data.image_size, data.resize_size, data.augment)
+        reader = ShardReader(train_split, transform, batch_size=cfg.batch.micro_size, rank=run.rank,
+                             world_size=run.world_size, num_workers=data.num_workers, seed=cfg.runtime.seed,
+                             shuffle_buffer=data.shuffle_buffer)
+        outliers = OutlierStream(pool, transform, batch_size=outlier_micro_batch(cfg, run.world_size),
+                                 batches_per_epoch=reader.batches_per_epoch, rank=run.rank,
+                                 world_size=run.world_size, num_workers=out.num_workers, seed=cfg.runtime.seed,
+                                 shuffle_buffer=out.shuffle_buffer, keep_labels=keep)
+        steps = total_steps(reader.batches_per_epoch, run.grad_accum_steps, cfg.train.num_epochs,
+                            cfg.train.max_steps)
+        optimizer = build_optimizer(cfg.optim, cfg.batch, model)
+        scheduler = build_schedule(cfg.optim, optimizer, steps)
+
+        run.log_data("train", train_split.root / MANIFEST)
+        run.log_data("outliers", pool.root / MANIFEST)
+        if exclusions:
+            run.tracker.log_params({"data.outliers.stream_kept_classes": exclusions["kept_classes"],
+                                    "data.outliers.stream_kept_samples": exclusions["kept_samples"]})
+            run.print(f"outlier stream: {exclusions['kept_classes']} of {pool.num_classes} classes kept "
+                      f"({len(exclusions['excluded'])} excluded for {out.exclude_benchmark or 'exclude_ids'}"
+                      f"{'' if exclusions['hierarchy'] else ', keyword fallback: no outliers.wordnet'})")
+
+        # -- prepare -------------------------------------------------------------------------
+        model, optimizer = run.prepare(model, optimizer)
+        tester = ClassifierEval(run, test_set, image_size=data.image_size, resize_size=data.resize_size,
+                                batch_size=cfg.batch.micro_size, num_workers=data.num_workers,
+                                channels_last=cfg.runtime.channels_last)
+
+        def batches(epoch: int, skip: int) -> Iterator[tuple]:
+            """ID and outlier micro-batches side by side, with the seed of the batch's mixing draws."""
+            pairs = zip(reader.loader(epoch, skip), outliers.loader(epoch, skip))
+            for index, ((images, labels), (outlier_images, _)) in enumerate(pairs, start=skip):
+                yield images, labels, outlier_images, seed_of(cfg.runtime.seed, "mix", epoch, run.rank, index)
+
+        def train_step(batch: tuple) -> dict[str, torch.Tensor]:
+            images, labels, outlier_images, seed = batch
+            return objective(model, tester.images(images), tester.labels(labels), tester.images(outlier_images),
+                             np.random.default_rng(seed))
+
+        def data_problems() -> dict[str, int]:
+            return {**reader.problems(), **{f"outliers_{k}": v for k, v in outliers.problems().items()}}
+
+        # -- loop ----------------------------------------------------------------------------
+        loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, ema=ema,
+                         eval_fn=lambda: tester.metrics(model, ema), data_counters=data_problems)
+        result = loop.fit(batches, batches_per_epoch=reader.batches_per_epoch, num_epochs=cfg.train.num_epochs,
+                          max_steps=cfg.train.max_steps)
+
+        # -- save ----------------------------------------------------------------------------
+        model_dir = run.save_model(model, ema=ema, info={
+            "model": model_name, "num_classes": train_split.num_classes, "classes": train_split.classes,
+            "image_size": data.image_size, "resize_size": data.resize_size, "method": cfg.method,
+            "init": "scratch" if card is None else "finetune", "score": objective.score,
+            "standard": str(Path(cfg.standard).resolve()) if card is not None else "",
+            "hyperparameters": method_params, "outliers": str(Path(out.root).resolve())})
+        summary = loop.summary(result, method=cfg.method, model_dir=str(model_dir))
+        run.finish(summary, step=result["step"])
+        run.print_summary(summary)
+
+
+if __name__ == "__main__":
+    entrypoint(main)
