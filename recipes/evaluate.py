@@ -129,7 +129,7 @@ def main(argv: list[str]) -> None:
                     return
                 seen += len(index)
                 images, labels = images.to(run.device), labels.to(run.device)
-                with torch.no_grad(), run.accelerator.autocast():
+                with torch.no_grad(), run.autocast():
                     out = {key: to_cpu(ex(images, labels)) for key, ex in extractors.items()}
                 if perturb:
                     for name, scorer in scorers.items():

@@ -106,8 +106,7 @@ def main(argv: list[str]) -> None:
             model, _ = load_saved_classifier(cfg.standard)
             model = model.train().requires_grad_(True)
             model_name = card["model"]
-        memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-        model = model.to(run.device, memory_format=memory_format)
+        model = run.place(model)
         ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
         transform = train_transform(data.image_size, data.resize_size, data.augment)
         reader = ShardReader(train_split, transform, batch_size=cfg.batch.micro_size, rank=run.rank,

@@ -30,11 +30,15 @@ from disttrain import config, files
 from disttrain.config import ConfigError, FinetuneOEConfig, SweepOEConfig
 from disttrain.data.sources import open_source
 from disttrain.methods.outlier_exposure import OBJECTIVES
-from disttrain.runtime import entrypoint, read_status, start_run
+from disttrain.runtime import PREEMPTED_EXIT_CODE, entrypoint, read_status, start_run
 from disttrain.runtime.tracking import PARENT_ENV
 
 RECIPES = Path(__file__).resolve().parent
 LOWER_IS_BETTER = {"fpr95"}
+
+
+class TrialStopped(Exception):
+    """A trial's stage was pre-empted (exit code 75): the sweep stops too and resumes later."""
 
 
 def launch(launcher: str, recipe: str, args: list[str], log: Path, parent_run_id: str) -> None:
@@ -45,6 +49,8 @@ def launch(launcher: str, recipe: str, args: list[str], log: Path, parent_run_id
         out.write(f"$ {shlex.join(command)}\n")
         out.flush()
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if code == PREEMPTED_EXIT_CODE:
+        raise TrialStopped(f"{recipe} was pre-empted; see {log}")
     if code != 0:
         raise RuntimeError(f"{recipe} exited with {code}; see {log}")
 
@@ -103,7 +109,13 @@ def main(argv: list[str]) -> None:
                   f"sets ({cfg.metric}); reference ID accuracy {reference if reference is not None else 'best trial'}")
         results = []
         for index, overrides in enumerate(trials):
-            row = run_trial(cfg, index, overrides, score, id_set, val, run.tracker.run_id or "")
+            try:
+                if run.stop:  # a pre-emption signal between trials
+                    raise TrialStopped(f"signal {run.stop.signal} before trial {index}")
+                row = run_trial(cfg, index, overrides, score, id_set, val, run.tracker.run_id or "")
+            except TrialStopped as stopped:
+                run.print(f"sweep stopped: {stopped}; finished trials are kept, run the same command to go on")
+                run.preempted(index, run.run_dir)
             results.append(row)
             run.log({f"trial/val_{cfg.metric}": row[f"val_{cfg.metric}"], "trial/id_accuracy": row["id_accuracy"]},
                     index)

@@ -43,8 +43,7 @@ def main(argv: list[str]) -> None:
     with start_run(cfg) as run:
         # -- build ---------------------------------------------------------------------------
         model = build_classifier(cfg.model, train_split.num_classes, data.image_size)
-        memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-        model = model.to(run.device, memory_format=memory_format)
+        model = run.place(model)
         ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
         reader = ShardReader(train_split, train_transform(data.image_size, data.resize_size, data.augment),
                              batch_size=cfg.batch.micro_size, rank=run.rank, world_size=run.world_size,

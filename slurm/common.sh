@@ -5,6 +5,10 @@
 #     source "${DISTTRAIN_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
 #     run_stage train_classifier.py "$@"
 #
+# or, for a single-process driver that launches its own stages (sweep_oe.py),
+#
+#     run_driver sweep_oe.py "launcher=$(node_launcher)" "$@"
+#
 # What it provides
 #   * DISTTRAIN_ROOT  repository root.  sbatch runs a *copy* of the script from
 #                     the slurmd spool directory, so "$0" is useless; the root
@@ -217,13 +221,82 @@ run_stage() {
     _DT_STEP_PID=$!
     # a signal that arrived before srun existed
     [ -n "$_DT_PREEMPTED" ] && _dt_forward_term
+    _dt_wait_step "$stage"
+}
 
-    # "wait" returns early whenever a trapped signal arrives; keep waiting
-    # until srun has really exited, then fetch its exit status.
+# ----------------------------------------------------------------- run_driver
+# node_launcher
+# Prints the "accelerate launch ..." command line, shell-quoted as one string,
+# that starts NPROC processes on this node: the launcher= of a driver recipe.
+node_launcher() {
+    local -a launch=("${_DT_LAUNCHER[@]}"
+        --num_machines 1
+        --main_process_port "$MAIN_PORT"
+        --num_processes "$NPROC")
+    [ "$NPROC" -gt 1 ] && launch+=(--multi_gpu)
+    [ -n "${ACCELERATE_CONFIG:-}" ] && launch+=(--config_file "$ACCELERATE_CONFIG")
+    local quoted
+    quoted="$(printf '%q ' "${launch[@]}")"
+    printf '%s\n' "${quoted% }"
+}
+
+# The interpreter of a driver: $PYTHON, the python next to $ACCELERATE, or the
+# (activated) environment's python.
+_dt_python() {
+    if [ -n "${PYTHON:-}" ]; then
+        printf '%s\n' "$PYTHON"
+    elif [ -n "${ACCELERATE:-}" ] && [ -x "$(dirname "$ACCELERATE")/python" ]; then
+        printf '%s\n' "$(dirname "$ACCELERATE")/python"
+    else
+        command -v python || command -v python3
+    fi
+}
+
+# run_driver RECIPE.py [key=value ...]
+# Runs recipes/RECIPE.py as ONE plain python process on the batch host, with
+# run_dir=$RUN_DIR and the given arguments: for drivers (sweep_oe.py) that
+# start their own stages with a launcher= such as "$(node_launcher)".  The
+# driver runs as a job step, so pre-emption works as in run_stage: SIGTERM
+# reaches the driver and the stage it is running (which checkpoints), the job
+# is requeued, and the driver, run again on the same run dir, continues.
+# One node only: the stages it starts run on this node.
+run_driver() {
+    local recipe="${1:?usage: run_driver RECIPE.py [args...]}"
+    shift
+    local stage="${recipe%.py}"
+    stage="${stage##*/}"
+    [ -f "recipes/$recipe" ] || _dt_die "recipes/$recipe not found in $DISTTRAIN_ROOT"
+    [ "$NNODES" -eq 1 ] ||
+        _dt_die "$stage is a single-process driver whose stages run on its own node: submit it with --nodes=1 (got $NNODES nodes)"
+    local python
+    python="$(_dt_python)" || _dt_die "no python found; set PYTHON=/path/to/python"
+
+    local run_dir="${RUN_DIR:-runs/$stage/slurm-$SLURM_JOB_ID}"
+    case "$run_dir" in /*) ;; *) run_dir="$DISTTRAIN_ROOT/$run_dir" ;; esac
+    mkdir -p "$run_dir"
+
+    local -a command=("$python" "recipes/$recipe" "run_dir=$run_dir" "$@")
+    local -a srun_args=(--export=ALL --nodes=1 --ntasks=1 --kill-on-bad-exit=1)
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+
+    _dt_log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: driver $stage on $(hostname) ($NPROC process(es) per stage)"
+    _dt_log "run_dir $run_dir"
+    _dt_log "run: $(printf '%q ' "${command[@]}")"
+    srun "${srun_args[@]}" "${command[@]}" &
+    _DT_STEP_PID=$!
+    [ -n "$_DT_PREEMPTED" ] && _dt_forward_term
+    _dt_wait_step "$stage"
+}
+
+# _dt_wait_step STAGE
+# Waits for the srun in $_DT_STEP_PID, then returns its exit code, or requeues
+# the job if a pre-emption signal arrived.  "wait" returns early whenever a
+# trapped signal arrives; keep waiting until srun has really exited.
+_dt_wait_step() {
+    local stage="$1" rc=0
     while kill -0 "$_DT_STEP_PID" 2>/dev/null; do
         wait "$_DT_STEP_PID"
     done
-    local rc=0
     wait "$_DT_STEP_PID" || rc=$?
     _DT_STEP_PID=""
 

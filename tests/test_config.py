@@ -137,3 +137,37 @@ def test_cifar_style_augmentation_needs_whole_images_at_evaluation():
     assert config.parse_cli(TrainClassifierConfig, [*common, "data.resize_size=32"]).data.augment == "pad_crop"
     with pytest.raises(ConfigError, match="set data.resize_size=32 too"):
         config.parse_cli(TrainClassifierConfig, [*common, "data.resize_size=36"])
+
+
+def test_finetune_presets_follow_mixupoe_appendix_d_and_h():
+    from disttrain.config import FinetuneOEConfig
+
+    def preset(name):
+        return config.build(FinetuneOEConfig, name, {"data.root": "d", "outliers.root": "o"})
+
+    bird, dog, inet = preset("bird"), preset("dog"), preset("inet_a")
+    assert (bird.train.num_epochs, bird.optim.lr, bird.optim.schedule) == (10, 1e-3, "cosine")
+    assert (bird.batch.global_size, bird.outliers.batch_size, bird.data.image_size) == (32, 32, 448)
+    assert (bird.oe.beta, bird.mixup_oe.beta_id_ood, bird.mixup_oe.alpha_id_ood) == (5.0, 5.0, 1.0)
+    assert (dog.oe.beta, dog.mixup_oe.beta_id_ood) == (1.0, 1.0)
+    assert (bird.energy_oe.m_in, bird.energy_oe.m_out, bird.energy_oe.weight) == (-15.0, -5.0, 0.1)
+    assert bird.mixup_oe.terms == ["id", "id_ood"] and bird.outliers.exclude_benchmark == "bird"
+    assert bird.standard == "runs/train_classifier/bird"
+    assert (inet.oe.beta, inet.energy_oe.m_in, inet.energy_oe.weight) == (0.5, -27.0, 0.05)
+    assert (inet.mixup_oe.alpha_id_ood, inet.mixup_oe.beta_id_ood, inet.mixup_oe.coarse) == (0.4, 5.0, True)
+    assert (inet.batch.global_size, inet.outliers.batch_size, inet.data.image_size) == (256, 512, 224)
+    # from scratch drops the preset's Standard run; a bad term list is named
+    assert config.build(FinetuneOEConfig, "bird", {"data.root": "d", "outliers.root": "o",
+                                                   "from_scratch": "true"}).standard == ""
+    with pytest.raises(ConfigError, match="mixup_oe.terms"):
+        config.build(FinetuneOEConfig, "bird", {"data.root": "d", "outliers.root": "o", "mixup_oe.terms": "[id,mix]"})
+
+
+def test_deepspeed_bf16_is_torch_autocast_around_an_fp32_engine():
+    """DeepSpeed's own bf16 casts weights but not BatchNorm's running statistics, which BatchNorm
+    cannot mix: under DeepSpeed, bf16 is torch autocast around the forward, the engine in fp32."""
+    from disttrain.config import BatchConfig, RuntimeConfig
+    from disttrain.runtime.accel import deepspeed_config
+
+    ds = deepspeed_config(RuntimeConfig(precision="bf16", zero_stage=2), BatchConfig(32, 16), 2)
+    assert ds["bf16"] == {"enabled": False} and not ds.get("torch_autocast", {}).get("enabled")

@@ -1,4 +1,4 @@
-"""slurm/train_classifier.sh under a real (single-host, throw-away) Slurm cluster.
+"""slurm/train_classifier.sh and slurm/mixupoe_pipeline.sh under a real (single-host, throw-away) Slurm cluster.
 
 The cluster comes from tests/slurm_cluster.py (skipped without Slurm/MUNGE or
 root).  Every job runs the real 2-process CPU training (accelerate launch
@@ -10,9 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.slurm_cluster import TERMINAL_STATES
 
 pytestmark = pytest.mark.slurm
 
@@ -125,3 +130,68 @@ def test_train_classifier_failure_exits_nonzero_without_requeue(slurm_cluster, t
     info = slurm_cluster.job_info(job) or {}
     assert info.get("ExitCode", "0:0").split(":")[0] != "0", info
     assert "stage train_classifier failed with exit code" in text, text
+
+
+# --------------------------------------------------------------------------- the MixupOE pipeline
+
+PIPELINE = REPO / "slurm" / "mixupoe_pipeline.sh"
+
+
+def _wait_all(cluster, job_ids: list[str], timeout: float) -> dict[str, str]:
+    """Poll every job each round (a record purged before it was seen would be lost); their end states."""
+    deadline = time.monotonic() + timeout
+    states: dict[str, str | None] = {}
+    while time.monotonic() < deadline:
+        states = {job: cluster.state(job) for job in job_ids}
+        if all(state in TERMINAL_STATES for state in states.values()):
+            return states  # type: ignore[return-value]
+        time.sleep(1)
+    raise TimeoutError(f"jobs not ended after {timeout}s: {states}\n{cluster.logs()}")
+
+
+def test_mixupoe_pipeline_runs_every_stage_under_one_parent_run(slurm_cluster, demo_root, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    pipeline_dir, mlflow_uri = tmp_path / "pipeline", f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    # artifacts under tmp_path too, not in the repository's mlruns/ (the jobs run from the repository)
+    client.create_experiment("disttrain", artifact_location=str(tmp_path / "artifacts"))
+    env = {**slurm_cluster.env, "SEEDS": "0", "METHODS": "mixup_oe", "EVAL_PRESET": "debug", "NPROC_PER_NODE": "2",
+           "SBATCH_ARGS": " ".join(_cpu_sbatch_args(tmp_path / "unused.out")[:-1]),  # logs: PIPELINE_DIR/logs
+           "PIPELINE_DIR": str(pipeline_dir), "MLFLOW_TRACKING_URI": mlflow_uri, "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    if (Path(sys.executable).parent / "disttrain").exists():
+        env["DISTTRAIN"] = str(Path(sys.executable).parent / "disttrain")
+    env.pop("DISTTRAIN_PARENT_RUN_ID", None)
+    proc = subprocess.run(["bash", str(PIPELINE), "debug", str(demo_root), str(demo_root / "outliers"),
+                           str(demo_root / "far_ood")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = {row.split("\t")[1]: row.split("\t")[0] for row in (pipeline_dir / "jobs.tsv").read_text().splitlines()}
+    slurm_cluster.submitted.extend(jobs.values())  # cancelled at teardown if still there
+    assert list(jobs) == ["s0-standard", "s0-finetune-mixup_oe", "s0-evaluate-standard", "s0-evaluate-mixup_oe",
+                          "report", "end"], proc.stdout
+
+    states = _wait_all(slurm_cluster, list(jobs.values()), timeout=900)
+    logs = "\n".join(f"----- {p.name}\n{_read(p)[-3000:]}" for p in sorted((pipeline_dir / "logs").glob("*.out")))
+    assert all(state == "COMPLETED" for state in states.values()), f"{states}\n{logs}\n{slurm_cluster.logs()}"
+    run_dirs = ["seed-0/standard", "seed-0/finetune-mixup_oe", "seed-0/evaluate-standard", "seed-0/evaluate-mixup_oe",
+                "report"]
+    for run_dir in run_dirs:
+        assert _status(pipeline_dir / run_dir).get("state") == "finished", f"{run_dir}\n{logs}"
+    report = pipeline_dir / "report"
+    assert (report / "table5.md").is_file() and (report / "table5.md").read_text().strip(), logs
+
+    # MLflow: the parent run closed FINISHED, every stage nested under it
+    parent = (pipeline_dir / "parent_run_id").read_text().strip()
+    assert client.get_run(parent).info.status == "FINISHED", logs
+    experiment = client.get_experiment_by_name("disttrain")
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    stage_runs = [r for run_id, r in runs.items() if run_id != parent]
+    assert sorted(r.data.tags.get("disttrain.stage") for r in stage_runs) == \
+        ["evaluate", "evaluate", "finetune_oe", "report", "train_classifier"], [r.data.tags for r in stage_runs]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in stage_runs), \
+        [r.data.tags for r in stage_runs]
+    for run_dir in run_dirs:
+        info = json.loads((pipeline_dir / run_dir / "run.json").read_text())
+        assert info["mlflow_run_id"] in runs and info["parent_run_id"] == parent, (run_dir, info)

@@ -212,6 +212,14 @@ class ClassFilter:
                             f"sample; check the include options {self.options()}")
         return kept, _report(self, listing, kept, rules, reasons)
 
+    def kept_indices(self, classes: list[str], class_ids: list[str], wordnet: WordNet | None = None) -> list[int]:
+        """Indices of the classes the filter keeps, from class names and ids alone (e.g. a
+        shard manifest's, to filter a stream). Same checks as `apply`."""
+        listing = Listing("manifest", "", "classes", list(classes), list(class_ids), [])
+        self._check(listing, wordnet)
+        removed = set().union(*(matched for _, matched in self._rules(listing, wordnet)))
+        return [i for i in range(len(classes)) if i not in removed]
+
     # ---------------------------------------------------------------- validation
 
     def _check(self, listing: Listing, wordnet: WordNet | None) -> None:
@@ -368,3 +376,38 @@ def benchmark_filter(name: str, hierarchy: bool = True) -> ClassFilter:
     if hierarchy:
         return ClassFilter(exclude_descendants_of=exclusion.roots)
     return ClassFilter(exclude_keywords=exclusion.keywords)
+
+
+def stream_classes(classes: list[str], class_ids: list[str], class_counts: list[int], *, benchmark: str = "",
+                   exclude_ids: Iterable[str] = (), wordnet_dir: str = "") -> tuple[frozenset[int] | None, dict]:
+    """The class indices an outlier stream keeps from a shard split's classes after a benchmark's
+    exclusions and/or explicit ids (None: no exclusion asked), and a report. WordNet subtrees
+    need `wordnet_dir` (wordnet.is_a.txt, optionally words.txt); without it the benchmark's
+    keyword fallback applies. Nothing left is an error."""
+    exclude_ids = tuple(exclude_ids)
+    if not benchmark and not exclude_ids:
+        return None, {}
+    if not class_ids or len(class_ids) != len(classes):
+        raise DataError("the outlier split records no class ids in its manifest, so classes cannot be excluded "
+                        "at stream time; build it with `disttrain shards build ... --benchmark-exclusions NAME` "
+                        "instead, and drop outliers.exclude_*")
+    wordnet = None
+    if wordnet_dir:
+        words = Path(wordnet_dir) / "words.txt"
+        wordnet = WordNet.load(Path(wordnet_dir) / "wordnet.is_a.txt", words if words.is_file() else None)
+    filters = [ClassFilter(exclude_ids=exclude_ids)] if exclude_ids else []
+    if benchmark:
+        filters.append(benchmark_filter(benchmark, hierarchy=wordnet is not None))
+    keep = set(range(len(classes)))
+    for flt in filters:
+        keep &= set(flt.kept_indices(classes, class_ids, wordnet))
+    kept_samples = sum(class_counts[i] for i in keep) if class_counts else len(keep)
+    if not keep or not kept_samples:
+        raise DataError(f"the outlier exclusions (benchmark={benchmark or 'none'}, exclude_ids={list(exclude_ids)}) "
+                        f"leave no class of the outlier split ({len(classes)} classes) with a sample; point "
+                        f"outliers.root at a pool with other classes, or loosen the exclusions")
+    excluded = sorted(set(range(len(classes))) - keep)
+    report = {"benchmark": benchmark, "exclude_ids": list(exclude_ids), "hierarchy": wordnet is not None,
+              "kept_classes": len(keep), "kept_samples": kept_samples,
+              "excluded": [{"id": class_ids[i], "name": classes[i]} for i in excluded]}
+    return frozenset(keep), report

@@ -51,11 +51,13 @@ def mixing_lambda(rng: np.random.Generator, alpha: float, size: int | None = Non
 
 
 def _mix(lam: np.ndarray, a: Tensor, b: Tensor) -> Tensor:
-    """lam * a + (1 - lam) * b with lam a scalar or one value per row."""
-    weight = torch.as_tensor(lam, dtype=a.dtype, device=a.device)
+    """lam * a + (1 - lam) * b with lam a scalar or one value per row; computed in float32 (or
+    float64) and returned in a's dtype, so bf16 inputs mix with the same lam as their targets."""
+    compute = torch.promote_types(a.dtype, torch.float32)
+    weight = torch.as_tensor(lam, dtype=compute, device=a.device)
     if weight.dim():
         weight = weight.view(-1, *([1] * (a.dim() - 1)))
-    return weight * a + (1 - weight) * b
+    return (weight * a.to(compute) + (1 - weight) * b.to(compute)).to(a.dtype)
 
 
 def _forward(model: Callable[[Tensor], Tensor], parts: dict[str, Tensor]) -> dict[str, Tensor]:

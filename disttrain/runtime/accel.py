@@ -56,7 +56,10 @@ def deepspeed_config(runtime: RuntimeConfig, batch: BatchConfig, world_size: int
     ds["gradient_accumulation_steps"] = batch.grad_accum_steps(world_size)
     ds["train_batch_size"] = batch.global_size
     ds["gradient_clipping"] = runtime.grad_clip
-    ds["bf16"] = {"enabled": runtime.precision == "bf16"}
+    # bf16 is torch autocast around the forward (Run.autocast), DeepSpeed itself in fp32: its own
+    # bf16 casts every weight but not BatchNorm's fp32 running statistics, which BatchNorm cannot
+    # mix, and its "torch_autocast" mode skipped every ZeRO-2 step as non-finite here (gloo, CPU)
+    ds["bf16"] = {"enabled": False}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": runtime.precision == "fp16"}
     # our optimizers are torch's own (SGD included), which ZeRO calls "untested"
     ds["zero_allow_untested_optimizer"] = True
@@ -80,8 +83,9 @@ def build_accelerator(runtime: RuntimeConfig, batch: BatchConfig | None) -> Acce
     # a backend named for a single process would make accelerate look for a process group that is never made
     handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
                 ] if world_size > 1 else []
+    deepspeed_autocast = strategy == "deepspeed" and runtime.precision == "bf16"  # Run.autocast does it
     kwargs: dict = dict(
-        mixed_precision=_PRECISION[runtime.precision],
+        mixed_precision="no" if deepspeed_autocast else _PRECISION[runtime.precision],
         gradient_accumulation_steps=accum,
         # schedules here count optimizer steps; accelerate would otherwise step them world_size times
         step_scheduler_with_optimizer=False,

@@ -84,6 +84,7 @@ class TrainLoop:
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self._window_bad = False  # a non-finite loss in the current accumulation window
+        self._engine_skipped = 0  # DeepSpeed's count of the steps it skipped, as last seen
         run.register(scheduler, ema, self.state)
 
     # -- one optimizer step -------------------------------------------------------------------
@@ -99,7 +100,7 @@ class TrainLoop:
         steps inside backward, the window's finite micro-batches still make their update.
         """
         with self.acc.accumulate(self.model):
-            with self.acc.autocast():
+            with self.run.autocast():
                 out = self.step_fn(batch)
             loss = out["loss"]
             # all ranks must agree before backward: a rank that skipped would hang the others
@@ -129,7 +130,13 @@ class TrainLoop:
 
     def _clip_and_check(self) -> bool:
         if self.run.strategy == "deepspeed":
-            return True  # the engine clips (gradient_clipping in its config) and steps in backward
+            # the engine clips (gradient_clipping in its config) and steps inside backward; it skips a
+            # step with non-finite gradients itself and, in fp32/bf16, says nothing: surface it here
+            skipped = getattr(self.model, "skipped_steps", 0)
+            fresh, self._engine_skipped = skipped > self._engine_skipped, skipped
+            if fresh:
+                self._nonfinite("gradient (DeepSpeed skipped its optimizer step)", torch.tensor(float("nan")))
+            return not fresh
         # the global grad norm costs a pass over every gradient: pay it when clipping, else only
         # on logging steps (a finite loss with non-finite gradients is rare in fp32)
         logging_step = (self.state.step + 1) % self.cfg.log_every == 0
@@ -185,6 +192,7 @@ class TrainLoop:
             num_epochs = math.ceil(total / steps_per_epoch)
         self._started = time.perf_counter()
         self.run.resume()
+        self._engine_skipped = getattr(self.model, "skipped_steps", 0)  # restored with the engine's state
         bar = tqdm(total=total, initial=self.state.step, disable=not (self.run.is_main and self.cfg.progress_bar),
                    desc=self.run.stage, dynamic_ncols=True, mininterval=1.0)
         self.model.train()

@@ -171,6 +171,20 @@ class Run:
 
     # -- training plumbing --------------------------------------------------------------------
 
+    def autocast(self) -> Any:
+        """The mixed-precision context of forwards: accelerate's, or under DeepSpeed with bf16
+        torch's autocast (DeepSpeed runs in fp32 there, see accel.deepspeed_config)."""
+        if self.strategy == "deepspeed" and self.cfg.runtime.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this rank's device; with runtime.channels_last its weights channels-last too,
+        except under DeepSpeed, whose parameter broadcast and ZeRO flat buffers need contiguous
+        weights (inputs still go channels-last, and convolutions follow the input's layout)."""
+        channels_last = self.cfg.runtime.channels_last and self.strategy != "deepspeed"
+        return model.to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
     def prepare(self, *objects: Any) -> Any:
         """Wrap what trains (models, optimizers) for the strategy; frozen nets stay outside."""
         out = self.accelerator.prepare(*objects)
@@ -210,7 +224,7 @@ class Run:
         discarded) until every rank has done `most_batches` forwards.
         """
         outputs, last = [], None
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.autocast():
             for batch in loader:
                 outputs.append(fn(batch))
                 last = batch
