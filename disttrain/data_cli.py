@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from disttrain.data import splits as split_lib
-from disttrain.data.class_filter import ClassFilter, WordNet, benchmark_filter, read_id_list
+from disttrain.data.class_filter import BENCHMARK_EXCLUSIONS, ClassFilter, WordNet, benchmark_filter, read_id_list
 from disttrain.data.layouts import layout_names, read_layout
 from disttrain.data.sharding import ShardingOptions, build_split, verify_split
 from disttrain.data.shards import DataError
@@ -131,6 +131,13 @@ def splits_partition(args: argparse.Namespace) -> None:
     print(f"{args.out}: ID classes {split['id']}")
 
 
+def splits_coarse(args: argparse.Namespace) -> None:
+    split = split_lib.coarse_split(args.name)
+    split_lib.write_split(args.out, split)
+    print(f"{args.out}: {args.name} = {len(split['id'])} ImageNet-1k classes as ID (mixupoe.txt App. H.1); "
+          f"its OOD counterpart is {split['details']['ood_split']}")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     shards = sub.add_parser("shards", help="write / check WebDataset shard splits").add_subparsers(
         dest="action", required=True)
@@ -146,7 +153,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude-ids", help="drop these class ids / wnids (comma list or @file)")
     p.add_argument("--exclude-descendants-of", help="drop classes under these wnids (needs --wordnet-is-a)")
     p.add_argument("--exclude-keywords", help="drop classes whose names contain these words")
-    p.add_argument("--benchmark-exclusions", choices=["bird", "dog", "flower", "car", "aircraft"],
+    p.add_argument("--benchmark-exclusions", choices=sorted(BENCHMARK_EXCLUSIONS),
                    help="MixupOE Sec. 5.1: drop what overlaps this benchmark (WordNet with --wordnet-is-a, "
                         "else keywords)")
     p.add_argument("--wordnet-is-a", help="ImageNet's wordnet.is_a.txt (parent child wnid per line)")
@@ -180,3 +187,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=splits_partition)
+    p = splits.add_parser("coarse", help="MixupOE 5.5: the INet-A / INet-B ID splits of ImageNet-1k")
+    p.add_argument("name", help=" or ".join(split_lib.INET_SPLITS))
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=splits_coarse)

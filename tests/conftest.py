@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,3 +78,34 @@ def launch(tmp_path: Path):
         return Launched(proc.returncode, proc.stdout + proc.stderr, run_dir)
 
     return _launch
+
+
+def interrupt_at_step(recipe: str, args: list[str], run_dir: Path, workdir: Path, step: int) -> dict:
+    """Launch `recipe` on 2 processes, SIGTERM the launcher (what Slurm pre-emption does) once it
+    logs optimizer step `step`, wait; the run's status.json, which must say pre-empted."""
+    cmd = recipe_command(recipe, [*args, f"run_dir={run_dir}"], nproc=2)
+    proc = subprocess.Popen(cmd, cwd=workdir, env=recipe_env(workdir), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"step {step}/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted", "".join(lines)[-3000:]
+    return status
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished (tiny) train_classifier run (with EMA weights): the Standard model of later stages."""
+    workdir = tmp_path_factory.mktemp("classifier")
+    run_dir = workdir / "run"
+    cmd = recipe_command("train_classifier.py", ["--preset", "debug", f"data.root={demo_root}", f"run_dir={run_dir}",
+                                                 "runtime.ema_decay=0.9"], nproc=1)
+    proc = subprocess.run(cmd, cwd=workdir, env=recipe_env(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

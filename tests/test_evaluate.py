@@ -14,21 +14,14 @@ import pytest
 from disttrain.config import ConfigError
 from disttrain.data.shards import DataError
 from disttrain.ood import scorers as scorer_registry
-from tests.conftest import REPO, recipe_command, recipe_env
+from tests.conftest import REPO, recipe_env
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def classifier(demo_root, tmp_path_factory):
-    """A finished (tiny) train_classifier run to evaluate."""
-    workdir = tmp_path_factory.mktemp("classifier")
-    run_dir = workdir / "run"
-    cmd = recipe_command("train_classifier.py", ["--preset", "debug", f"data.root={demo_root}", f"run_dir={run_dir}",
-                                                 "runtime.ema_decay=0.9"], nproc=1)
-    proc = subprocess.run(cmd, cwd=workdir, env=recipe_env(workdir), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+@pytest.fixture
+def classifier(trained_classifier):
+    return trained_classifier
 
 
 def evaluate_args(classifier, demo_root, *extra):

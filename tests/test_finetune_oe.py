@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 
 import numpy as np
@@ -17,21 +16,14 @@ from safetensors.torch import load_file
 from disttrain.data.class_filter import stream_classes
 from disttrain.data.shards import DataError, ShardSplit
 from disttrain.data.stream import OutlierStream
-from tests.conftest import recipe_command, recipe_env
+from tests.conftest import interrupt_at_step, recipe_command, recipe_env
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def standard(demo_root, tmp_path_factory):
-    """A finished (tiny) Standard classifier."""
-    workdir = tmp_path_factory.mktemp("standard")
-    run_dir = workdir / "run"
-    cmd = recipe_command("train_classifier.py", ["--preset", "debug", f"data.root={demo_root}", f"run_dir={run_dir}",
-                                                 "train.max_steps=10"], nproc=1)
-    proc = subprocess.run(cmd, cwd=workdir, env=recipe_env(workdir), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+@pytest.fixture
+def standard(trained_classifier):
+    return trained_classifier
 
 
 def finetune_args(demo_root, standard, *extra):
@@ -90,19 +82,7 @@ def test_sigterm_mid_finetune_then_resume_equals_uninterrupted(launch, demo_root
     assert straight.returncode == 0, straight.output[-3000:]
 
     run_dir = tmp_path / "interrupted"
-    cmd = recipe_command("finetune_oe.py", [*args, f"run_dir={run_dir}"], nproc=2)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=recipe_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 5/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    lines += proc.stdout.readlines()
-    proc.wait(timeout=120)
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "preempted", "".join(lines)[-3000:]
+    status = interrupt_at_step("finetune_oe.py", args, run_dir, tmp_path, step=5)
     assert 5 <= status["step"] < 16
 
     resumed = launch("finetune_oe.py", *args, run_dir=run_dir)

@@ -156,3 +156,25 @@ def test_read_errors(tmp_path):
     (tmp_path / "partial.json").write_text(json.dumps(split))
     with pytest.raises(DataError, match="missing ood"):
         read_split(tmp_path / "partial.json")
+
+
+def test_inet_a_and_b_are_the_papers_coarse_splits(tmp_path):
+    """mixupoe.txt App. H.1: 50 + 50 ImageNet classes, disjoint; each the other's OOD set."""
+    from disttrain.data.class_filter import BENCHMARK_EXCLUSIONS
+    from disttrain.data.splits import INET_SPLITS, coarse_split
+    from disttrain.cli import main as cli_main
+
+    a, b = INET_SPLITS["inet_a"], INET_SPLITS["inet_b"]
+    assert len(a) == len(b) == 50 and not {w for _, w, _ in a} & {w for _, w, _ in b}
+    assert (933, "n07697313", "cheeseburger") in a and (404, "n02690373", "airliner") in a
+    assert (589, "n03483316", "hand blower") in b and (959, "n07831146", "carbonara") in b
+    split = coarse_split("inet_b")
+    assert split["id"] == sorted(c for c, _, _ in b) and len(split["ood"]) == 950
+    assert split["details"]["ood_split_ids"] == sorted(c for c, _, _ in a)
+    # the outlier pool loses both splits' classes
+    assert set(BENCHMARK_EXCLUSIONS["inet_a"].roots) == {w for _, w, _ in a + b}
+    out = tmp_path / "inet_a.json"
+    cli_main(["splits", "coarse", "inet_a", "--out", str(out)])
+    assert read_split(out)["id"] == sorted(c for c, _, _ in a)
+    with pytest.raises(DataError, match="inet_a, inet_b"):
+        coarse_split("inet_c")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from safetensors.torch import load_file
 
 from disttrain.data.shards import ShardSplit
 from disttrain.data.stream import ShardReader
-from tests.conftest import recipe_command, recipe_env
+from tests.conftest import interrupt_at_step
 
 pytestmark = pytest.mark.slow
 
@@ -79,19 +77,7 @@ def test_sigterm_then_resume_equals_uninterrupted(launch, demo_root, tmp_path):
     assert straight.returncode == 0, straight.output[-3000:]
 
     run_dir = tmp_path / "interrupted"
-    cmd = recipe_command("train_classifier.py", [*args, f"run_dir={run_dir}"], nproc=2)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=recipe_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGTERM)  # what Slurm pre-emption does to the launcher
-            break
-    lines += proc.stdout.readlines()
-    proc.wait(timeout=120)
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "preempted", "".join(lines)[-3000:]
+    status = interrupt_at_step("train_classifier.py", args, run_dir, tmp_path, step=3)
     assert 3 <= status["step"] < 24
 
     resumed = launch("train_classifier.py", *args, run_dir=run_dir)

@@ -366,6 +366,18 @@ BENCHMARK_EXCLUSIONS: dict[str, BenchmarkExclusion] = {
                   "blimp", "balloon", "wing")),
 }
 
+# mixupoe.txt App. H.2: "relevant images to INet-A/B are filtered out from WebVision based on the
+# WordNet hierarchy". Each split's OOD test sets include the other split, so both leave the pool.
+def _inet_exclusion() -> BenchmarkExclusion:
+    from disttrain.data.splits import INET_SPLITS
+
+    rows = [row for split in INET_SPLITS.values() for row in split]
+    return BenchmarkExclusion(roots=tuple(wnid for _, wnid, _ in rows),
+                              keywords=tuple(name.split(",")[0] for _, _, name in rows))
+
+
+BENCHMARK_EXCLUSIONS["inet_a"] = BENCHMARK_EXCLUSIONS["inet_b"] = _inet_exclusion()
+
 
 def benchmark_filter(name: str, hierarchy: bool = True) -> ClassFilter:
     """The outlier-pool filter for a fine-grained benchmark: its WordNet subtrees (needs a

@@ -231,3 +231,130 @@ def benchmark_num_id(name: str, num_classes: int | None = None) -> int:
         raise DataError(f"benchmark {name} keeps {num_id} ID classes but the dataset has only {num_classes}")
     return num_id
 
+
+
+# --------------------------------------------------------------------------- coarse ImageNet splits (MixupOE 5.5)
+
+# mixupoe.txt App. H.1, Figure 12: two 50-class ImageNet-1k ID splits sharing little granularity;
+# (ImageNet class index, wnid, name) in the paper's order. Each is OOD for the other (with
+# Textures, LSUN, Places365), so the outlier pool must exclude both (class_filter: inet_a/inet_b).
+INET_SPLITS: dict[str, tuple[tuple[int, str, str], ...]] = {
+    "inet_a": (
+    (933, 'n07697313', 'cheeseburger'),
+    (404, 'n02690373', 'airliner'),
+    (805, 'n04254680', 'soccer ball'),
+    (920, 'n06874185', 'traffic light'),
+    (954, 'n07753592', 'banana'),
+    (953, 'n07753275', 'pineapple'),
+    (949, 'n07745940', 'strawberry'),
+    (796, 'n04229816', 'ski mask'),
+    (963, 'n07873807', 'pizza, pizza pie'),
+    (721, 'n03938244', 'pillow'),
+    (550, 'n03297495', 'espresso maker'),
+    (340, 'n02391049', 'zebra'),
+    (679, 'n03814906', 'necklace'),
+    (658, 'n03775071', 'mitten'),
+    (51, 'n01704323', 'triceratops'),
+    (629, 'n03676483', 'lipstick'),
+    (713, 'n03924679', 'photocopier'),
+    (896, 'n04553703', 'washbasin'),
+    (767, 'n04116512', 'rubber eraser'),
+    (514, 'n03124043', 'cowboy boot'),
+    (697, 'n03877472', 'pajama'),
+    (838, 'n04357314', 'sunscreen'),
+    (437, 'n02814860', 'lighthouse'),
+    (522, 'n03134739', 'croquet ball'),
+    (665, 'n03785016', 'moped'),
+    (413, 'n02749479', 'assault rifle'),
+    (596, 'n03498962', 'hatchet'),
+    (785, 'n04162706', 'seat belt'),
+    (398, 'n02666196', 'abacus'),
+    (604, 'n03544143', 'hourglass'),
+    (917, 'n06596364', 'comic book'),
+    (966, 'n07892512', 'red wine'),
+    (804, 'n04254120', 'soap dispenser'),
+    (905, 'n04590129', 'window shade'),
+    (756, 'n04049303', 'rain barrel'),
+    (971, 'n09229709', 'bubble'),
+    (540, 'n03240683', 'drilling platform'),
+    (719, 'n03935335', 'piggy bank'),
+    (752, 'n04039381', 'racket'),
+    (919, 'n06794110', 'street sign'),
+    (419, 'n02786058', 'band aid'),
+    (932, 'n07695742', 'pretzel'),
+    (926, 'n07590611', 'hot pot'),
+    (982, 'n10148035', 'groom'),
+    (863, 'n04458633', 'totem pole'),
+    (868, 'n04476259', 'tray'),
+    (584, 'n03476684', 'hair slide'),
+    (592, 'n03492542', 'hard disk'),
+    (769, 'n04118776', 'rule'),
+    (545, 'n03271574', 'electric fan'),
+    ),
+    "inet_b": (
+    (589, 'n03483316', 'hand blower'),
+    (696, 'n03876231', 'paintbrush'),
+    (902, 'n04579432', 'whistle'),
+    (701, 'n03888257', 'parachute'),
+    (851, 'n04404412', 'television'),
+    (491, 'n03000684', 'chain saw'),
+    (512, 'n03109150', 'bottle screw'),
+    (621, 'n03649909', 'lawn mower'),
+    (950, 'n07747607', 'orange'),
+    (937, 'n07714990', 'broccoli'),
+    (974, 'n09288635', 'geyser'),
+    (973, 'n09256479', 'coral reef'),
+    (776, 'n04141076', 'saxophone'),
+    (846, 'n04380533', 'table lamp'),
+    (575, 'n03445924', 'golfcart'),
+    (763, 'n04086273', 'six-gun'),
+    (531, 'n03197337', 'digital watch'),
+    (488, 'n02999410', 'chain'),
+    (743, 'n04005630', 'prison'),
+    (645, 'n03733131', 'maypole'),
+    (535, 'n03208938', 'disk brake'),
+    (412, 'n02747177', 'trash can'),
+    (635, 'n03706229', 'magnetic compass'),
+    (987, 'n12144580', 'corn'),
+    (948, 'n07742313', 'Granny Smith'),
+    (812, 'n04266014', 'space shuttle'),
+    (977, 'n09421951', 'sandbar'),
+    (430, 'n02802426', 'basketball'),
+    (605, 'n03584254', 'iPod'),
+    (836, 'n04355933', 'sunglass'),
+    (150, 'n02077923', 'sea lion'),
+    (539, 'n03223299', 'doormat'),
+    (647, 'n03733805', 'measuring cup'),
+    (477, 'n02966687', "carpenter's kit"),
+    (910, 'n04597913', 'wooden spoon'),
+    (693, 'n03873416', 'paddle'),
+    (999, 'n15075141', 'toilet tissue'),
+    (496, 'n03026506', 'Christmas stocking'),
+    (924, 'n07583066', 'guacamole'),
+    (927, 'n07613480', 'trifle'),
+    (903, 'n04584207', 'wig'),
+    (652, 'n03763968', 'military uniform'),
+    (922, 'n07565083', 'menu'),
+    (930, 'n07684084', 'French loaf'),
+    (578, 'n03450230', 'gown'),
+    (925, 'n07584110', 'consomme'),
+    (733, 'n03976657', 'pole'),
+    (967, 'n07920052', 'espresso'),
+    (830, 'n04336792', 'stretcher'),
+    (959, 'n07831146', 'carbonara'),
+    ),
+}
+IMAGENET_NUM_CLASSES = 1000
+
+
+def coarse_split(name: str, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """INet-A / INet-B as a split of ImageNet-1k (class index = position of the sorted wnid, as in
+    the ImageNet folder layout): `id` the split's 50 classes; `details.ood_split` the other split's
+    50 (the paper's fourth OOD set; build it with that split's `id` part)."""
+    if name not in INET_SPLITS:
+        raise DataError(f"unknown coarse split {name!r}; known: {', '.join(INET_SPLITS)}")
+    other = next(n for n in INET_SPLITS if n != name)
+    details = {"wnids": [w for _, w, _ in INET_SPLITS[name]], "ood_split": other,
+               "ood_split_ids": sorted(c for c, _, _ in INET_SPLITS[other])}
+    return make_split("imagenet", IMAGENET_NUM_CLASSES, [c for c, _, _ in INET_SPLITS[name]], "coarse", details,
+                      class_names)
