@@ -57,8 +57,8 @@ def deepspeed_config(runtime: RuntimeConfig, batch: BatchConfig, world_size: int
     ds["train_batch_size"] = batch.global_size
     ds["gradient_clipping"] = runtime.grad_clip
     # bf16 is torch autocast around the forward (Run.autocast), DeepSpeed itself in fp32: its own
-    # bf16 casts every weight but not BatchNorm's fp32 running statistics, which BatchNorm cannot
-    # mix, and its "torch_autocast" mode skipped every ZeRO-2 step as non-finite here (gloo, CPU)
+    # bf16 casts every weight to bf16 but leaves BatchNorm's running statistics in fp32, which
+    # BatchNorm cannot mix
     ds["bf16"] = {"enabled": False}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": runtime.precision == "fp16"}
     # our optimizers are torch's own (SGD included), which ZeRO calls "untested"
