@@ -199,7 +199,7 @@ def test_read_id_list(tmp_path):
 
 
 def test_benchmark_filters(listing, wordnet, tmp_path):
-    assert set(BENCHMARK_EXCLUSIONS) == {"bird", "dog", "flower", "car", "aircraft"}
+    assert set(BENCHMARK_EXCLUSIONS) == {"bird", "dog", "flower", "car", "aircraft", "inet_a", "inet_b"}
     assert benchmark_filter("bird").exclude_descendants_of == ("n01503061",)
     assert "n02958343" in benchmark_filter("car").exclude_descendants_of
     assert benchmark_filter("flower").exclude_descendants_of[0] == "n11669921"
