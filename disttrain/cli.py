@@ -29,7 +29,12 @@ def _pipeline(args: argparse.Namespace) -> None:
     if args.action == "start":
         print(tracking.start_pipeline(args.name, experiment=args.experiment))
     else:
-        tracking.end_pipeline(args.name, status=args.status)
+        times = tracking.end_pipeline(args.name, status=args.status)
+        stages = {key.split("/", 1)[1]: value for key, value in times.items() if key.startswith("stage_wall_clock_s/")}
+        for name, seconds in stages.items():
+            print(f"  {name:<40} {seconds:8.1f} s")
+        print(f"pipeline {args.name} {args.status}: stages {times['pipeline/stages_s']:.1f} s in all, "
+              f"{times['pipeline/elapsed_s']:.1f} s from start to end")
 
 
 def main(argv: list[str] | None = None) -> None:

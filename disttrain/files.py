@@ -40,3 +40,14 @@ def write_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> Path:
         np.savez(handle, **arrays)
     os.replace(tmp, path)
     return path
+
+
+def write_image_grid(path: str | os.PathLike, images: Any, nrow: int = 8) -> Path:
+    """A [N, C, H, W] batch with pixels in [0, 1] as one PNG grid."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_image(images.float().cpu(), tmp, nrow=nrow, padding=1, format="png")
+    os.replace(tmp, path)
+    return path

@@ -19,6 +19,7 @@ set, for recipes/report.py), plots/ (ROC, PR, score densities), summary.json -- 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,16 +28,15 @@ import torch
 from safetensors.torch import load_file
 
 from disttrain import config, files
-from disttrain.config import ConfigError, EvaluateConfig, ModelConfig
+from disttrain.config import ConfigError, EvaluateConfig
 from disttrain.data.sources import EvalSource, interpolated_source, open_source
 from disttrain.data.transforms import eval_transform
-from disttrain.models.classifier import build_classifier
 from disttrain.ood import scorers as scorer_registry
 from disttrain.ood.features import FeatureExtractor, concat, take, to_cpu
 from disttrain.ood.metrics import ood_metrics
 from disttrain.ood.report import markdown_table, write_plots, write_tables
 from disttrain.runtime import entrypoint, start_run
-from disttrain.runtime.saved import saved_model_card
+from disttrain.runtime.saved import build_saved_architecture, saved_model_card
 
 
 PLAIN = "plain"  # the extractor key of scorers that need no block features
@@ -99,19 +99,24 @@ def main(argv: list[str]) -> None:
     if fitting and Path(cfg.fit).resolve() == Path(cfg.id).resolve():
         raise ConfigError(f"fit={cfg.fit!r} is the ID test set: scorers must fit on the ID training split")
     fit_set = open_source(cfg.fit, image_size) if fitting else None
+    num_id = card["num_classes"]
+    extra = [name for name, s in scorers.items() if s.reads_extra_outputs]
+    if extra and card.get("num_outputs", num_id) <= num_id:
+        raise ConfigError(f"scorers {extra} read an extra OOD output, which {cfg.model} has not (it outputs its "
+                          f"{num_id} classes only): use them on a finetune_head method=cmg_softmax model")
     if cfg.use_ema and not card.get("ema"):
         raise ConfigError(f"use_ema=true but {cfg.model} saved no EMA weights (its runtime.ema_decay was 0)")
 
     with start_run(cfg) as run:
         # -- the frozen classifier: never prepared, the same weights on every rank ---------------
-        model = build_classifier(ModelConfig(name=card["model"]), card["num_classes"], image_size)
+        model = build_saved_architecture(card)
         weights = Path(cfg.model) / "model" / ("ema.safetensors" if cfg.use_ema else "model.safetensors")
         model.load_state_dict(load_file(weights))
         model = model.to(run.device).eval().requires_grad_(False)
         head = model.get_classifier()
         for scorer in scorers.values():
             if scorer.needs_classifier:  # ViM, ReAct recompute logits from the penultimate features
-                scorer.set_classifier(head.weight.detach().cpu(), head.bias.detach().cpu())
+                scorer.set_classifier(head.weight[:num_id].detach().cpu(), head.bias[:num_id].detach().cpu())
         # one extractor per scorer that needs block features; the others share the plain one
         extractors = {name: FeatureExtractor(model, s.reduce_block) for name, s in scorers.items() if s.needs_blocks}
         extractors[PLAIN] = FeatureExtractor(model)
@@ -169,11 +174,14 @@ def main(argv: list[str]) -> None:
         summary: dict[str, Any] = {}
         if run.is_main:
             id_plain = sets[id_set.name][PLAIN]
-            accuracy = float((id_plain.logits.argmax(1) == id_plain.labels).float().mean())
+            accuracy = float((id_plain.logits[:, :num_id].argmax(1) == id_plain.labels).float().mean())
 
             def scored(name: str, by_key: dict) -> np.ndarray:
                 key = ("perturbed", name) if scorers[name].needs_input_grad else key_of[name]
-                return scorers[name].score(by_key[key]).double().numpy()
+                features = by_key[key]
+                if not scorers[name].reads_extra_outputs:  # the ID classes' logits (all of them but CMG-s's)
+                    features = dataclasses.replace(features, logits=features.logits[:, :num_id])
+                return scorers[name].score(features).double().numpy()
 
             scores = {name: {set_name: scored(name, by_key) for set_name, by_key in sets.items()} for name in scorers}
             base_rate = "all" if cfg.base_rate == "all" else float(cfg.base_rate)

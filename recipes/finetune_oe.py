@@ -69,16 +69,6 @@ def standard_card(cfg: FinetuneOEConfig, train_split: ShardSplit) -> dict[str, A
     return card
 
 
-def outlier_micro_batch(cfg: FinetuneOEConfig, world_size: int) -> int:
-    """Outliers per micro-batch, so that outliers.batch_size arrive per optimizer step."""
-    per_step = cfg.outliers.batch_size * cfg.batch.micro_size
-    if per_step % cfg.batch.global_size:
-        raise ConfigError(f"outliers.batch_size={cfg.outliers.batch_size} per optimizer step does not split into "
-                          f"micro-batches of batch.micro_size={cfg.batch.micro_size} out of batch.global_size="
-                          f"{cfg.batch.global_size} on {world_size} processes; pick sizes that divide")
-    return per_step // cfg.batch.global_size
-
-
 def main(argv: list[str]) -> None:
     cfg = config.parse_cli(FinetuneOEConfig, argv)
     if cfg.hparams_from:  # a sweep's chosen values, under what the command line sets
@@ -101,18 +91,19 @@ def main(argv: list[str]) -> None:
         # -- build ---------------------------------------------------------------------------
         if card is None:
             model = build_classifier(cfg.model, train_split.num_classes, data.image_size)
-            model_name = cfg.model.name
+            model_name, stem = cfg.model.name, cfg.model.small_input_stem
         else:
             model, _ = load_saved_classifier(cfg.standard)
             model = model.train().requires_grad_(True)
-            model_name = card["model"]
+            model_name, stem = card["model"], card.get("small_input_stem", False)
         model = run.place(model)
         ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
         transform = train_transform(data.image_size, data.resize_size, data.augment)
         reader = ShardReader(train_split, transform, batch_size=cfg.batch.micro_size, rank=run.rank,
                              world_size=run.world_size, num_workers=data.num_workers, seed=cfg.runtime.seed,
                              shuffle_buffer=data.shuffle_buffer)
-        outliers = OutlierStream(pool, transform, batch_size=outlier_micro_batch(cfg, run.world_size),
+        outlier_micro = cfg.batch.companion_micro_size(out.batch_size, "outliers.batch_size", run.world_size)
+        outliers = OutlierStream(pool, transform, batch_size=outlier_micro,
                                  batches_per_epoch=reader.batches_per_epoch, rank=run.rank,
                                  world_size=run.world_size, num_workers=out.num_workers, seed=cfg.runtime.seed,
                                  shuffle_buffer=out.shuffle_buffer, keep_labels=keep)
@@ -158,7 +149,8 @@ def main(argv: list[str]) -> None:
 
         # -- save ----------------------------------------------------------------------------
         model_dir = run.save_model(model, ema=ema, info={
-            "model": model_name, "num_classes": train_split.num_classes, "classes": train_split.classes,
+            "model": model_name, "small_input_stem": stem, "num_classes": train_split.num_classes,
+            "classes": train_split.classes,
             "image_size": data.image_size, "resize_size": data.resize_size, "method": cfg.method,
             "init": "scratch" if card is None else "finetune", "score": objective.score,
             "standard": str(Path(cfg.standard).resolve()) if card is not None else "",

@@ -30,15 +30,18 @@ import numpy as np
 
 from disttrain import config
 from disttrain.config import ConfigError, ReportConfig
-from disttrain.ood.paper_tables import SeedRun, density_grid, table5, table6, write_table
+from disttrain.ood.paper_tables import SeedRun, density_grid, table1, table5, table6, write_table
 from disttrain.runtime import entrypoint, read_status, start_run
 from disttrain.runtime.saved import saved_model_card
 
 # The paper's names; any other scorer or method is shown under its own name.
 SCORER_LABELS = {"msp": "MSP", "odin": "ODIN", "energy": "Energy", "mahalanobis": "Mahalanobis",
                  "gram": "Gram Matrices"}
-METHOD_LABELS = {"oe": "OE", "energy_oe": "EnergyOE", "mixup_oe": "MixupOE"}  # in the paper's order
-INIT_LABELS = {"finetune": "fine-tune", "scratch": "scratch"}  # fine-tune rows before scratch rows
+METHOD_LABELS = {"oe": "OE", "energy_oe": "EnergyOE", "mixup_oe": "MixupOE",  # in the papers' order
+                 "cmg_softmax": "CMG-s", "cmg_energy": "CMG-e"}
+# fine-tune rows before scratch rows; then CMG's ablations (cmg.txt Fig. 2a/b)
+INIT_LABELS = {"finetune": "fine-tune", "scratch": "scratch", "finetune-no-pseudo-ood": "no pseudo-OOD",
+               "unfrozen": "unfrozen", "direct": "direct"}
 STANDARD = "standard"
 
 
@@ -55,16 +58,23 @@ class Evaluation:
     score: str  # the scorer a fine-tuned method is evaluated with
     id_name: str
     rows: list[dict[str, Any]]
+    base_method: str = ""  # a method fine-tuned on top of another's model (CMG stage 2 on a MixupOE model)
 
     @property
     def label(self) -> str:
         """The model's Table 5 row and density row: Standard, OE (fine-tune), MixupOE (scratch), ..."""
-        return "Standard" if self.method == STANDARD else f"{self._method_label} ({self._init_label})"
+        if self.method == STANDARD:
+            return "Standard"
+        return f"{self._base_label}{self._method_label} ({self._init_label})"
 
     @property
     def column(self) -> str:
         """Its Table 6 column: Standard, OE fine-tune, ..."""
-        return "Standard" if self.method == STANDARD else f"{self._method_label} {self._init_label}"
+        return "Standard" if self.method == STANDARD else f"{self._base_label}{self._method_label} {self._init_label}"
+
+    @property
+    def _base_label(self) -> str:
+        return f"{METHOD_LABELS.get(self.base_method, self.base_method)} + " if self.base_method else ""
 
     @property
     def _method_label(self) -> str:
@@ -132,7 +142,8 @@ def load_evaluation(run_dir: str) -> Evaluation:
     model_cfg = json.loads(model_cfg_path.read_text()).get("config", {}) if model_cfg_path.is_file() else {}
     data_root = model_cfg.get("data.root") or str(Path(id_spec).parent)  # no config: the ID set's dataset dir
     ev = Evaluation(Path(run_dir), Path(model_dir), Path(data_root).name, int(model_cfg.get("runtime.seed", 0)),
-                    card.get("method", STANDARD), card.get("init", ""), card.get("score", "msp"), rows[0]["id"], rows)
+                    card.get("method", STANDARD), card.get("init", ""), card.get("score", "msp"), rows[0]["id"], rows,
+                    card.get("base_method", ""))
     if ev.method != STANDARD and not ev.seed_run(ev.score).by_ood:
         raise ConfigError(f"evaluations: {run_dir} holds no {ev.score!r} results, the scorer {ev.label} is "
                           f"evaluated with: re-run it with scorers=[{ev.score},...]")
@@ -235,19 +246,23 @@ def main(argv: list[str]) -> None:
     with start_run(cfg) as run:
         summary: dict[str, Any] = {}
         if run.is_main:
-            paper5 = table5(table5_cells(evaluations, cfg.standard_scorers, run.print))
+            cells = table5_cells(evaluations, cfg.standard_scorers, run.print)
+            paper5, paper1 = table5(cells), table1(cells)
             paper6 = table6(*table6_cells(evaluations))
             written = [*write_table(paper5, run.run_dir, "table5", json_too=True),
-                       *write_table(paper6, run.run_dir, "table6")]
+                       *write_table(paper6, run.run_dir, "table6"),
+                       *write_table(paper1, run.run_dir, "table1", json_too=True)]
             if cfg.plots:
                 written += write_densities(evaluations, cfg.density_scorer, run.run_dir, run.print)
             for path in written:
                 run.save_artifact(path)
-            run.print(f"\nTable 5\n\n{paper5.markdown()}\n\nTable 6\n\n{paper6.markdown()}")
+            run.print(f"\nTable 5 (mixupoe.txt)\n\n{paper5.markdown()}\n\nTable 6 (mixupoe.txt)\n\n"
+                      f"{paper6.markdown()}\n\nTable 1 (cmg.txt)\n\n{paper1.markdown()}")
             summary = {"evaluations": len(evaluations), "benchmarks": len({ev.benchmark for ev in evaluations}),
                        "table5_rows": len(paper5.rows), "files": [path.name for path in written]}
         run.finish(summary, step=0)
-        run.print_summary({"table 5": str(run.run_dir / "table5.md"), "table 6": str(run.run_dir / "table6.md")})
+        run.print_summary({"table 5": str(run.run_dir / "table5.md"), "table 6": str(run.run_dir / "table6.md"),
+                           "table 1": str(run.run_dir / "table1.md")})
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
 
         # -- save ----------------------------------------------------------------------------
         model_dir = run.save_model(model, ema=ema, info={
-            "model": cfg.model.name, "num_classes": train_split.num_classes, "classes": train_split.classes,
+            "model": cfg.model.name, "small_input_stem": cfg.model.small_input_stem, "num_classes": train_split.num_classes, "classes": train_split.classes,
             "image_size": data.image_size, "resize_size": data.resize_size})
         summary = loop.summary(result, model_dir=str(model_dir))
         run.finish(summary, step=result["step"])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from disttrain.methods.cmg import STAGE2_LOSSES
 from disttrain.methods.outlier_exposure import OBJECTIVES
 from disttrain.ood.paper_tables import seed_stat
 from tests.conftest import REPO, recipe_command, recipe_env
@@ -192,4 +193,5 @@ def test_seed_stat_and_method_names():
     spec = importlib.util.spec_from_file_location("recipe_report", REPO / "recipes" / "report.py")
     recipe = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(recipe)
-    assert list(recipe.METHOD_LABELS) == list(OBJECTIVES)  # every finetune_oe method has its paper name
+    # every finetune_oe and finetune_head method has its paper name
+    assert list(recipe.METHOD_LABELS) == [*OBJECTIVES, *STAGE2_LOSSES]

@@ -374,6 +374,8 @@ def test_ood_scores_higher(name):
     def prepare(f: Features) -> Features:
         if scorer.needs_blocks:
             f.blocks = [scorer.reduce_block(m) for m in f.blocks]
+        if scorer.reads_extra_outputs:  # an (N+1)-th OOD output (CMG-softmax) that reads the OOD dims
+            f.logits = torch.cat([f.logits, f.penultimate[:, 8:].sum(1, keepdim=True)], 1)
         return f
 
     scorer.fit([prepare(_separable_features(0, 200, False, w))])

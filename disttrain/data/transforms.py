@@ -30,3 +30,14 @@ def eval_transform(image_size: int, resize_size: int) -> v2.Compose:
     """Resize to resize x resize, centre crop image_size."""
     return v2.Compose([v2.Resize((resize_size, resize_size), antialias=True), v2.CenterCrop(image_size),
                        *_to_normalized_tensor()])
+
+
+def generator_transform(image_size: int, channels: int = 3, hflip: bool = False) -> v2.Compose:
+    """A generator's view of an image: resized to image_size x image_size, pixels in [0, 1] (no
+    normalisation), one channel for digits; flips only where the data allow them."""
+    steps = [v2.Resize((image_size, image_size), antialias=True)]
+    if channels == 1:
+        steps.append(v2.Grayscale(1))
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])

@@ -10,6 +10,7 @@ std (ddof=1) over them. Inputs are plain values: reading run dirs is the recipe'
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,49 @@ def table5(cells: dict[tuple[str, str], list[SeedRun]]) -> Table:
         notes.append(f"{SINGLE} One training seed only: ± is that run's std over its evaluation draws, "
                      f"not over seeds: {'; '.join(singles)}.")
     return Table(["D_in", "Method", "seeds", *oods], rows, records, notes, marks, blank_repeats=1)
+
+
+# --------------------------------------------------------------------------- Table 1 (cmg.txt)
+
+# a Setting-1 benchmark: one known/unknown partition of a dataset, named <dataset>-p<k> (cifar10-p3)
+PARTITION_NAME = re.compile(r"^(?P<dataset>.+?)[-_]p(?P<index>\d+)$")
+
+
+def dataset_of(benchmark: str) -> str:
+    """`cifar10` for the partition benchmark `cifar10-p3`; any other name unchanged."""
+    match = PARTITION_NAME.match(benchmark)
+    return match["dataset"] if match else benchmark
+
+
+def table1(cells: dict[tuple[str, str], list[SeedRun]], metric: str = "auroc") -> Table:
+    """cmg.txt Table 1: rows (D_in, OOD set), one column per method, AUROC in %. The partitions of a
+    dataset (<dataset>-p1 ... -p5, Setting 1) are averaged per seed first; then mean ± sample std
+    over seeds (the paper's 5 repeats). A last row averages each method's cells."""
+    methods = list(dict.fromkeys(method for _, method in cells))
+    per_seed: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
+    partitions: dict[str, set[str]] = {}
+    for (benchmark, method), runs in cells.items():
+        dataset = dataset_of(benchmark)
+        partitions.setdefault(dataset, set()).add(benchmark)
+        for run in runs:
+            for ood, row in run.by_ood.items():
+                seeds = per_seed.setdefault((dataset, ood), {}).setdefault(method, {})
+                seeds.setdefault(run.seed, []).append(float(row[metric]))
+    rows, records, means = [], [], {method: [] for method in methods}
+    for (dataset, ood), by_method in per_seed.items():
+        stats = {m: seed_stat([float(np.mean(v)) for v in by_method[m].values()]) if m in by_method else None
+                 for m in methods}
+        for method, stat in stats.items():
+            if stat is not None:
+                means[method].append(stat.mean)
+        rows.append([dataset, ood, *(s.text() if s else MISSING for s in stats.values())])
+        records.append({"dataset": dataset, "ood": ood, "partitions": sorted(partitions[dataset]),
+                        **{m: {**s.record(), "num_seeds": len(by_method[m])} for m, s in stats.items() if s}})
+    rows.append(["Average", "", *(f"{100 * np.mean(v):.1f}" if v else MISSING for v in means.values())])
+    notes = [f"{metric.upper()} in %, OOD as the positive class; mean ± sample std (ddof=1) over training seeds. "
+             f"A dataset named <dataset>-p<k> is one partition of Setting 1: its partitions are averaged per "
+             f"seed first (cmg.txt Table 1)."]
+    return Table(["D_in", "OOD", *methods], rows, records, notes, blank_repeats=1)
 
 
 # --------------------------------------------------------------------------- Table 6

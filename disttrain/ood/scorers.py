@@ -141,6 +141,7 @@ class Scorer:
     needs_labels: ClassVar[bool] = False
     needs_penultimate: ClassVar[bool] = False
     needs_classifier: ClassVar[bool] = False
+    reads_extra_outputs: ClassVar[bool] = False  # sees outputs beyond the ID classes' logits (CMG-softmax)
     # may depend on hyper-parameters, so instances may override these three:
     needs_blocks: bool = False
     block_features: BlockKind | None = None
@@ -341,6 +342,17 @@ class MSP(Scorer):
 
     def _score(self, f: Features) -> Tensor:
         return -F.softmax(_native(f.logits), 1).amax(1)
+
+
+@register("ood_class")
+class OODClass(Scorer):
+    """CMG-softmax (cmg.txt 3.3): the softmax probability of a classifier's extra (N+1)-th OOD class.
+    It reads every output; the other scorers are given the N ID logits only."""
+
+    reads_extra_outputs: ClassVar[bool] = True
+
+    def _score(self, f: Features) -> Tensor:
+        return F.softmax(_native(f.logits), 1)[:, -1]
 
 
 @register("odin")

@@ -18,7 +18,7 @@ def effective_lr(optim: OptimizerConfig, batch: BatchConfig) -> float:
 
 def build_optimizer(optim: OptimizerConfig, batch: BatchConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     # timm: "momentum" is plain SGD with momentum, "sgd" its Nesterov variant; no decay on norms/biases
-    name = {"sgd": "sgd" if optim.nesterov else "momentum", "adamw": "adamw"}[optim.name]
+    name = {"sgd": "sgd" if optim.nesterov else "momentum", "adam": "adam", "adamw": "adamw"}[optim.name]
     extra = {"momentum": optim.momentum} if optim.name == "sgd" else {}
     return create_optimizer_v2(model, opt=name, lr=effective_lr(optim, batch), weight_decay=optim.weight_decay,
                                **extra)

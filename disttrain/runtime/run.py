@@ -59,6 +59,7 @@ class Run:
     def __init__(self, cfg: Any):
         self.cfg = cfg
         self.stage = cfg.STAGE
+        self._started = time.perf_counter()
         batch = getattr(cfg, "batch", None)  # absent for stages that train nothing
         self.accelerator = build_accelerator(cfg.runtime, batch)
         self.strategy = resolve_strategy(cfg.runtime) if batch is not None else "ddp"
@@ -325,6 +326,10 @@ class Run:
         self.print("\n".join(lines))
 
     def finish(self, summary: dict[str, Any], step: int) -> None:
+        """Close the stage; adds `stage_wall_clock_s` (this process's time in the stage, model
+        loading to the end) to `summary` and to the tracked metrics."""
+        summary["stage_wall_clock_s"] = time.perf_counter() - self._started
+        self.log({"stage_wall_clock_s": summary["stage_wall_clock_s"]}, step)
         if self.is_main:
             files.write_json(self.run_dir / "summary.json", summary)
             self.tracker.log_artifact(self.run_dir / "summary.json")

@@ -25,15 +25,22 @@ def saved_model_card(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(card.read_text())
 
 
+def build_saved_architecture(card: dict[str, Any]) -> torch.nn.Module:
+    """A fresh (untrained) network of the architecture a model card describes, with its outputs:
+    `num_outputs` (the ID classes plus, e.g., CMG-softmax's OOD class) or `num_classes`."""
+    from disttrain.models.classifier import build_classifier
+
+    model_cfg = ModelConfig(name=card["model"], small_input_stem=bool(card.get("small_input_stem", False)))
+    return build_classifier(model_cfg, int(card.get("num_outputs", card["num_classes"])), card["image_size"])
+
+
 def load_saved_classifier(run_dir: str | Path, use_ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
-
-    from disttrain.models.classifier import build_classifier
 
     card = saved_model_card(run_dir)
     if use_ema and not card.get("ema"):
         raise ConfigError(f"{run_dir} saved no EMA weights (its runtime.ema_decay was 0)")
-    model = build_classifier(ModelConfig(name=card["model"]), card["num_classes"], card["image_size"])
+    model = build_saved_architecture(card)
     model.load_state_dict(load_file(Path(run_dir) / "model" / ("ema.safetensors" if use_ema else "model.safetensors")))
     return model.eval().requires_grad_(False), card
 
@@ -59,3 +66,25 @@ def predict_saved_classifier(run_dir: str | Path, data: str, batch_size: int = 6
         raise ConfigError(f"{data} has {len(source.classes)} classes, the classifier {card['num_classes']}: "
                           f"rank on the test split of the classes it was trained on")
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), card
+
+
+def saved_cvae_card(run_dir: str | Path) -> dict[str, Any]:
+    """The card of a finished train_cvae stage; a clear error for anything else."""
+    card = saved_model_card(run_dir)
+    if card.get("stage") != "train_cvae":
+        raise ConfigError(f"{run_dir} holds a {card.get('stage')!r} model, not a CVAE: point at the run dir of a "
+                          f"finished train_cvae stage")
+    return card
+
+
+def load_saved_cvae(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A finished train_cvae stage's CVAE (eval mode, frozen) and its card."""
+    from safetensors.torch import load_file
+
+    from disttrain.models.cvae import CVAE
+
+    card = saved_cvae_card(run_dir)
+    model = CVAE(card["num_classes"], card["image_size"], card["channels"], card["variant"], card["latent_dim"],
+                 card["embed_dim"])
+    model.load_state_dict(load_file(Path(run_dir) / "model" / "model.safetensors"))
+    return model.eval().requires_grad_(False), card

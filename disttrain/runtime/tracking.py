@@ -162,10 +162,24 @@ def start_pipeline(name: str, experiment: str = "disttrain", tags: dict[str, str
     return client.create_run(exp_id, run_name=name, tags={"disttrain.kind": "pipeline", **(tags or {})}).info.run_id
 
 
-def end_pipeline(run_id: str, status: str = "FINISHED") -> None:
+def end_pipeline(run_id: str, status: str = "FINISHED") -> dict[str, float]:
+    """Close a pipeline's parent run. Logs to it, and returns, the wall clock of its stages:
+    `stage_wall_clock_s/<run name>` per nested stage run, their sum `pipeline/stages_s`, and
+    `pipeline/elapsed_s` from the parent's start (stages that ran at the same time overlap)."""
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    MlflowClient().set_terminated(run_id, status)
+    client = MlflowClient()
+    parent = client.get_run(run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+    times = {f"stage_wall_clock_s/{child.info.run_name}": child.data.metrics["stage_wall_clock_s"]
+             for child in children if "stage_wall_clock_s" in child.data.metrics}
+    times["pipeline/stages_s"] = sum(times.values())
+    times["pipeline/elapsed_s"] = time.time() - parent.info.start_time / 1000.0
+    client.log_batch(run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0) for key, value in times.items()])
+    client.set_terminated(run_id, status)
+    return times
 
 
 def replay(run_dir: str | os.PathLike) -> str:
