@@ -53,81 +53,22 @@ usage: bash slurm/cmg_pipeline.sh PRESET DATA_ROOT OOD_SET [OOD_SET ...]
   bash slurm/cmg_pipeline.sh --help
 EOF
 }
-die() {
-    printf 'cmg_pipeline: error: %s\n' "$*" >&2
-    exit 2
-}
-
-# ----------------------------------------------------------------- inputs
-if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
-    sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
-    exit 0
-fi
-if [ "$#" -lt 3 ]; then
-    usage
-    die "expected PRESET DATA_ROOT and at least one OOD_SET, got $# argument(s)"
-fi
-PRESET="$1" DATA_ROOT="$2"
-shift 2
-[ -n "$PRESET" ] || die "PRESET is empty"
-
-is_split() { [ -f "$1/manifest.json" ]; }
-abspath() { (cd "$1" && pwd); }
-
-[ -d "$DATA_ROOT" ] || die "DATA_ROOT '$DATA_ROOT' is not a directory"
-DATA_ROOT="$(abspath "$DATA_ROOT")"
-missing=()
-for split in train test; do
-    is_split "$DATA_ROOT/$split" || missing+=("$split")
-done
-[ "${#missing[@]}" -eq 0 ] ||
-    die "DATA_ROOT $DATA_ROOT has no shard split(s) ${missing[*]} (each a folder with manifest.json;" \
-        "build them with 'disttrain shards build ...')"
-
-# OOD sets: folders (made absolute: the jobs run from the repository) or specs such as noise:gaussian
-OOD_SETS=()
-resolve_set() {
-    case "$1" in
-        *:*) printf '%s\n' "$1" ;;
-        *) [ -d "$1" ] || die "OOD set '$1' is not a directory (nor a spec such as noise:gaussian)"
-           abspath "$1" ;;
-    esac
-}
-for spec in "$@"; do
-    spec="$(resolve_set "$spec")" || exit 2
-    OOD_SETS+=("$spec")
-done
-
-read -r -a SEED_LIST <<<"${SEEDS:-0 1 2 3 4}"
-read -r -a METHOD_LIST <<<"${METHODS:-cmg_softmax cmg_energy}"
-read -r -a EXTRA_SBATCH <<<"${SBATCH_ARGS:-}"
-read -r -a TRAIN_EXTRA <<<"${TRAIN_ARGS:-}"
-read -r -a CVAE_EXTRA <<<"${CVAE_ARGS:-}"
-read -r -a SYNTH_EXTRA <<<"${SYNTH_ARGS:-}"
-read -r -a FINETUNE_EXTRA <<<"${FINETUNE_ARGS:-}"
-read -r -a EVALUATE_EXTRA <<<"${EVALUATE_ARGS:-}"
-read -r -a REPORT_EXTRA <<<"${REPORT_ARGS:-}"
-EVAL_PRESET="${EVAL_PRESET:-cmg}"
-[ "${#SEED_LIST[@]}" -gt 0 ] || die "SEEDS is empty"
-for seed in "${SEED_LIST[@]}"; do
-    case "$seed" in '' | *[!0-9]*) die "SEEDS: '$seed' is not a non-negative integer" ;; esac
-done
-[ "${#METHOD_LIST[@]}" -gt 0 ] || die "METHODS is empty (cmg_softmax, cmg_energy)"
-for method in "${METHOD_LIST[@]}"; do
-    case "$method" in cmg_softmax | cmg_energy) ;; *) die "METHODS: unknown method '$method' (cmg_softmax, cmg_energy)" ;; esac
-done
-DRY_RUN="${DRY_RUN:-0}"
-[ "$DRY_RUN" = 0 ] || [ "$DRY_RUN" = 1 ] || die "DRY_RUN must be 0 or 1"
-
-# ----------------------------------------------------------------- tools, places, submission
 PIPELINE=cmg PIPELINE_TITLE=CMG
 # shellcheck source=slurm/pipeline_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/pipeline_lib.sh"
 
-NPROC_ENV="${NPROC_PER_NODE:+NPROC_PER_NODE=$NPROC_PER_NODE}"
-OOD_LIST="[$(join , "${OOD_SETS[@]}")]"
-EVALUATIONS=()
-EVALUATE_JOBS=()
+# ----------------------------------------------------------------- inputs
+pipeline_args 3 "PRESET DATA_ROOT and at least one OOD_SET" "$@"
+PRESET="$1"
+data_root "$2" train test
+shift 2
+add_ood_sets "$@"
+pipeline_knobs "cmg_softmax cmg_energy" cmg
+read -r -a CVAE_EXTRA <<<"${CVAE_ARGS:-}"
+read -r -a SYNTH_EXTRA <<<"${SYNTH_ARGS:-}"
+
+# ----------------------------------------------------------------- the jobs
+start_pipeline
 for seed in "${SEED_LIST[@]}"; do
     dir="$PIPELINE_DIR/seed-$seed"
     # stage 1: the classifier and the CVAE are independent, both start at once
@@ -151,45 +92,7 @@ for seed in "${SEED_LIST[@]}"; do
             "data.root=$DATA_ROOT" "runtime.seed=$seed" "${FINETUNE_EXTRA[@]}"
         models+=("finetune-$method=$JOB")
     done
-    for entry in "${models[@]}"; do
-        model="${entry%%=*}" model_job="${entry#*=}"
-        label="${model#finetune-}"
-        submit "s$seed-evaluate-$label" "$dir/evaluate-$label" "afterok:$model_job" "$NPROC_ENV" \
-            --kill-on-invalid-dep=yes -- "$ROOT/slurm/evaluate.sh" \
-            --preset "$EVAL_PRESET" "model=$dir/$model" "id=$DATA_ROOT/test" "fit=$DATA_ROOT/train" \
-            "ood=$OOD_LIST" "runtime.seed=$seed" "${EVALUATE_EXTRA[@]}"
-        EVALUATIONS+=("$dir/evaluate-$label")
-        EVALUATE_JOBS+=("$JOB")
-    done
+    submit_evaluations "$seed" "$dir" "${models[@]}" --
 done
 
-submit report "$PIPELINE_DIR/report" "afterok:$(join : "${EVALUATE_JOBS[@]}")" "NPROC_PER_NODE=1" \
-    --kill-on-invalid-dep=yes -- "$ROOT/slurm/report.sh" \
-    "evaluations=[$(join , "${EVALUATIONS[@]}")]" "${REPORT_EXTRA[@]}"
-
-# Close the parent run once every job has ended, whatever happened (a job whose dependency failed
-# is cancelled, so this always runs): FINISHED when the report finished.
-parent="${PARENT:-<parent-run-id>}"
-end_cmd="if grep -qs '\"state\": *\"finished\"' $(sq "$PIPELINE_DIR/report/status.json");"
-end_cmd+=" then s=FINISHED; else s=FAILED; fi; echo \"pipeline $parent: \$s\";"
-end_cmd+=" exec $(sq "${DISTTRAIN:-disttrain}") pipeline end $(sq "$parent") --status \"\$s\""
-submit end "" "afterany:$(join : "${JOB_IDS[@]}")" "" \
-    --chdir="$ROOT" --nodes=1 --ntasks=1 --time=0:15:00 -- --wrap="$end_cmd"
-
-trap - EXIT
-[ "$DRY_RUN" = 1 ] && exit 0
-
-uri="${MLFLOW_TRACKING_URI:-sqlite:///$ROOT/mlflow.db}"
-case "$uri" in
-    sqlite:* | file:* | /*) ui="mlflow ui --backend-store-uri $uri" ;;
-    *) ui="open $uri" ;;
-esac
-cat <<EOF
-submitted ${#JOB_IDS[@]} jobs: ${JOB_IDS[*]}
-pipeline dir:      $PIPELINE_DIR   (run dirs; jobs.tsv; logs/)
-MLflow parent run: $PARENT   (experiment disttrain, run cmg-$PRESET)
-follow:            squeue -j $(join , "${JOB_IDS[@]}") -o '%.10i %.34j %.10T %.10M %R'
-                   tail -f $PIPELINE_DIR/logs/*.out
-                   $ui
-cancel:            scancel ${JOB_IDS[*]}
-EOF
+finish_pipeline
