@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.slurm_cluster"]  # the single-host Slurm cluster fixture
+pytest_plugins = ["tests.slurm_cluster", "tests.fake_slurm"]  # a single-host Slurm cluster; a fake sbatch
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

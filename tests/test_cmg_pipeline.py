@@ -1,9 +1,7 @@
-"""slurm/cmg_pipeline.sh against a fake `sbatch`: the CMG job chain it submits, without Slurm.
-
-The fake sbatch (first on PATH) records each call's arguments and prints an increasing job id
-("1001;fake", as `--parsable` does on a multi-cluster setup). One test uses the real
-`disttrain pipeline start` with an MLflow sqlite store in tmp_path; the others a fake `disttrain`
-that records its calls. Nothing trains: the stage scripts are only named in the sbatch calls.
+"""slurm/cmg_pipeline.sh against a fake `sbatch` (tests/fake_slurm.py): the CMG job chain it submits,
+without Slurm. One test uses the real `disttrain pipeline start` with an MLflow sqlite store in
+tmp_path; the others a fake `disttrain` that records its calls. Nothing trains: the stage scripts
+are only named in the sbatch calls.
 """
 
 from __future__ import annotations
@@ -16,41 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_mixupoe_pipeline import (FAKE_DISTTRAIN, FAKE_RUN_ID, FAKE_SBATCH, FAKE_SCANCEL, REPO, VENV_BIN, Job,
-                                         submitted)
+from tests import fake_slurm as fake
+from tests.conftest import REPO
+from tests.fake_slurm import by_name, submitted
 
-SCRIPT = REPO / "slurm" / "cmg_pipeline.sh"
+PREFIX = "cmg-debug-"
 STAGE_SCRIPTS = {"train_cvae": "24:00:00", "synthesize": "2:00:00", "finetune_head": "4:00:00"}
 
 
-@pytest.fixture
-def fake_slurm(tmp_path: Path) -> Path:
-    """sbatch, scancel and disttrain stand-ins (those of tests/test_mixupoe_pipeline.py) in tmp_path/fake/bin."""
-    root = tmp_path / "fake"
-    (root / "bin").mkdir(parents=True)
-    (root / "sbatch").mkdir()
-    for name, text in {"sbatch": FAKE_SBATCH, "scancel": FAKE_SCANCEL, "disttrain": FAKE_DISTTRAIN}.items():
-        path = root / "bin" / name
-        path.write_text(text)
-        path.chmod(0o755)
-    return root
-
-
-def run_pipeline(fake: Path, *args: str, fake_disttrain: bool = True, **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH"))}
-    full_env.update({"PATH": f"{fake / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM": str(fake),
-                     "MLFLOW_TRACKING_URI": f"sqlite:///{fake}/mlflow.db"})
-    if fake_disttrain:
-        full_env["DISTTRAIN"] = str(fake / "bin" / "disttrain")
-    elif (VENV_BIN / "disttrain").exists():
-        full_env["DISTTRAIN"] = str(VENV_BIN / "disttrain")
-    full_env.update(env)
-    return subprocess.run(["bash", str(SCRIPT), *args], env=full_env, cwd=fake, capture_output=True, text=True,
-                          timeout=120, check=False)
-
-
-def by_name(jobs: list[Job]) -> dict[str, Job]:
-    return {re.sub(r"^cmg-debug-", "", j.name): j for j in jobs}
+def run_pipeline(fake_dir: Path, *args: str, **kwargs):
+    return fake.run_pipeline("cmg_pipeline.sh", fake_dir, *args, **kwargs)
 
 
 def pipeline_args(demo: Path) -> list[str]:
@@ -68,9 +41,8 @@ def test_submits_the_chain_with_one_parent_run(fake_slurm, demo_root, tmp_path):
     jobs = submitted(fake_slurm)
     # per seed: classifier, cvae, synthesize, 2 fine-tunes, 3 evaluations; then the report and the closing job
     assert len(jobs) == 2 * (3 + 2 + 3) + 2, [j.name for j in jobs]
-    named = by_name(jobs)
+    named = by_name(jobs, PREFIX)
     assert len(named) == len(jobs)
-    ids = {name: job.id for name, job in named.items()}
 
     # one MLflow parent run, created at submission (real `disttrain pipeline start`), for every job
     parent = (pipeline_dir / "parent_run_id").read_text().strip()
@@ -78,23 +50,11 @@ def test_submits_the_chain_with_one_parent_run(fake_slurm, demo_root, tmp_path):
     with sqlite3.connect(fake_slurm / "mlflow.db") as db:
         assert db.execute("select name, status from runs where run_uuid = ?", (parent,)).fetchall() == \
             [("cmg-debug", "RUNNING")]
-    for job in jobs:
-        assert job.export["DISTTRAIN_PARENT_RUN_ID"] == parent, job.args
-        assert job.export["DISTTRAIN_ROOT"] == str(REPO)
-        assert "--parsable" in job.args
-        assert job.option("output") == f"{pipeline_dir}/logs/%x-%j.out"
-        assert {"--gpus-per-node=0", "--cpus-per-task=2"} <= set(job.args), job.args
-        if job.script:  # SBATCH_ARGS are sbatch options: before the script
-            assert job.args.index("--cpus-per-task=2") < [Path(a).name for a in job.args].index(job.script)
-
-    # distinct run dirs under the pipeline dir (all but the closing job)
-    run_dirs = {name: job.export.get("RUN_DIR") for name, job in named.items() if name != "end"}
-    assert all(run_dirs.values()) and len(set(run_dirs.values())) == len(run_dirs)
+    run_dirs = fake.check_every_job(jobs, named, parent, pipeline_dir)
     for seed in (0, 1):
         for stage in ("classifier", "cvae", "synthesize", "finetune-cmg_softmax", "finetune-cmg_energy",
                       "evaluate-classifier", "evaluate-cmg_softmax", "evaluate-cmg_energy"):
             assert run_dirs[f"s{seed}-{stage}"] == str(pipeline_dir / f"seed-{seed}" / stage)
-    assert run_dirs["report"] == str(pipeline_dir / "report")
 
     evaluations = []
     for seed in (0, 1):
@@ -104,7 +64,7 @@ def test_submits_the_chain_with_one_parent_run(fake_slurm, demo_root, tmp_path):
         for job in (classifier, cvae):
             assert job.option("dependency") is None, job.args
             assert job.export["NPROC_PER_NODE"] == "2"
-            assert job.args[job.args.index("--preset") + 1] == "debug"
+            assert job.preset == "debug"
         assert classifier.stage_args() == {"data.root": str(demo_root), "runtime.seed": str(seed)}
         assert cvae.stage_args() == {"data.root": str(demo_root), "runtime.seed": str(seed), "train.max_steps": "3"}
 
@@ -112,7 +72,7 @@ def test_submits_the_chain_with_one_parent_run(fake_slurm, demo_root, tmp_path):
         assert synthesize.script == "synthesize.sh"
         assert synthesize.dependency == ("afterok", [classifier.id, cvae.id])
         assert "--kill-on-invalid-dep=yes" in synthesize.args
-        assert synthesize.args[synthesize.args.index("--preset") + 1] == "debug"
+        assert synthesize.preset == "debug"
         assert synthesize.stage_args() == {
             "method": "cmg", "cvae": run_dirs[f"s{seed}-cvae"], "classifier": run_dirs[f"s{seed}-classifier"],
             "runtime.seed": str(seed), "cmg.count": "32"}
@@ -123,7 +83,7 @@ def test_submits_the_chain_with_one_parent_run(fake_slurm, demo_root, tmp_path):
             assert finetune.script == "finetune_head.sh"
             assert finetune.dependency == ("afterok", [synthesize.id])
             assert "--kill-on-invalid-dep=yes" in finetune.args
-            assert finetune.args[finetune.args.index("--preset") + 1] == "debug"
+            assert finetune.preset == "debug"
             assert finetune.stage_args() == {
                 "method": method, "classifier": run_dirs[f"s{seed}-classifier"],
                 "pseudo": run_dirs[f"s{seed}-synthesize"], "data.root": str(demo_root), "runtime.seed": str(seed)}
@@ -133,32 +93,14 @@ def test_submits_the_chain_with_one_parent_run(fake_slurm, demo_root, tmp_path):
             assert evaluate.script == "evaluate.sh"
             assert evaluate.dependency == ("afterok", [model.id])  # the job that made its model
             assert "--kill-on-invalid-dep=yes" in evaluate.args
-            assert evaluate.args[evaluate.args.index("--preset") + 1] == "debug"
+            assert evaluate.preset == "debug"
             assert evaluate.stage_args() == {
                 "model": model.export["RUN_DIR"], "id": f"{demo_root}/test", "fit": f"{demo_root}/train",
                 "ood": f"[noise:gaussian:50,{demo_root}/far_ood]", "runtime.seed": str(seed), "num_draws": "2"}
             evaluations.append(evaluate)
 
-    report = named["report"]
-    assert report.script == "report.sh"
-    assert report.dependency == ("afterok", [e.id for e in evaluations])
-    assert report.export["NPROC_PER_NODE"] == "1"
-    assert report.stage_args() == {"evaluations": f"[{','.join(e.export['RUN_DIR'] for e in evaluations)}]"}
-
-    end = named["end"]
-    kind, after = end.dependency
-    assert kind == "afterany" and report.id in after and set(after) == {j.id for j in jobs if j is not end}
-    assert end.id == jobs[-1].id and "RUN_DIR" not in end.export
-    assert (end.option("wrap") or "").endswith(f"pipeline end '{parent}' --status \"$s\"")
-
-    # what the user is told
-    for job_id in ids.values():
-        assert job_id in proc.stdout
-    assert str(pipeline_dir) in proc.stdout and parent in proc.stdout
-    assert "squeue -j" in proc.stdout and "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
-    tsv = [line.split("\t") for line in (pipeline_dir / "jobs.tsv").read_text().splitlines()]
-    assert [row[0] for row in tsv] == [j.id for j in jobs]
-    assert [row[1] for row in tsv] == list(named)
+    fake.check_report_and_end(jobs, named, evaluations, parent)
+    fake.check_user_is_told(proc, jobs, named, parent, pipeline_dir)
 
 
 def test_defaults(fake_slurm, demo_root, tmp_path):
@@ -170,7 +112,8 @@ def test_defaults(fake_slurm, demo_root, tmp_path):
     assert all(f"--job-name=cmg-debug-s{seed}-finetune-{method} " in proc.stdout
                for seed in range(5) for method in ("cmg_softmax", "cmg_energy"))
     assert sum("--preset cmg " in line for line in lines) == 5 * 3
-    assert re.search(rf"RUN_DIR={re.escape(str(REPO))}/runs/pipeline/cmg-debug-\d{{8}}-\d{{6}}/seed-4/cvae", proc.stdout)
+    dated = rf"RUN_DIR={re.escape(str(REPO))}/runs/pipeline/cmg-debug-\d{{8}}-\d{{6}}/seed-4/cvae"
+    assert re.search(dated, proc.stdout)
 
 
 def test_closing_job_marks_the_parent_run_by_the_report(fake_slurm, demo_root, tmp_path):
@@ -178,20 +121,7 @@ def test_closing_job_marks_the_parent_run_by_the_report(fake_slurm, demo_root, t
     proc = run_pipeline(fake_slurm, *pipeline_args(demo_root), SEEDS="0", METHODS="cmg_energy",
                         PIPELINE_DIR=str(pipeline_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    wrap = by_name(submitted(fake_slurm))["end"].option("wrap")
-    assert wrap
-    log = fake_slurm / "disttrain.log"
-    env = {**os.environ, "FAKE_SLURM": str(fake_slurm)}
-
-    subprocess.run(["sh", "-c", wrap], env=env, check=True, capture_output=True)  # the report never ran
-    (pipeline_dir / "report").mkdir()
-    (pipeline_dir / "report" / "status.json").write_text('{\n  "state": "finished",\n  "stage": "report"\n}')
-    subprocess.run(["sh", "-c", wrap], env=env, check=True, capture_output=True)
-    assert log.read_text().splitlines() == [
-        "pipeline start cmg-debug",
-        f"pipeline end {FAKE_RUN_ID} --status FAILED",
-        f"pipeline end {FAKE_RUN_ID} --status FINISHED",
-    ]
+    fake.check_closing_job(fake_slurm, pipeline_dir, PREFIX)
 
 
 def test_dry_run_submits_nothing(fake_slurm, demo_root, tmp_path):
@@ -205,19 +135,13 @@ def test_dry_run_submits_nothing(fake_slurm, demo_root, tmp_path):
     assert "--dependency" not in lines[8] and "--dependency" not in lines[9]  # s1 classifier, s1 cvae
     assert "--dependency=afterok:<s1-classifier>:<s1-cvae>" in lines[10]
     assert "--dependency=afterok:<s1-synthesize>" in lines[11]
-    assert not submitted(fake_slurm)
-    assert not (fake_slurm / "disttrain.log").exists() and not (fake_slurm / "mlflow.db").exists()
-    assert not pipeline_dir.exists()
+    fake.check_dry_run(fake_slurm, pipeline_dir)
 
 
 def test_failed_submission_cancels_what_was_submitted(fake_slurm, demo_root, tmp_path):
     proc = run_pipeline(fake_slurm, *pipeline_args(demo_root), SEEDS="0", METHODS="cmg_energy",
                         PIPELINE_DIR=str(tmp_path / "pipeline"), FAKE_SBATCH_FAIL_AT="3")
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "sbatch failed for s0-synthesize" in proc.stderr
-    assert (fake_slurm / "scancel.log").read_text().split() == ["1001", "1002"]
-    assert (fake_slurm / "disttrain.log").read_text().splitlines()[-1] == \
-        f"pipeline end {FAKE_RUN_ID} --status FAILED"
+    fake.check_failed_submission(proc, fake_slurm, "s0-synthesize")
 
 
 @pytest.mark.parametrize("case, message", [
@@ -259,9 +183,7 @@ def test_bad_input_exits_2_with_a_message(fake_slurm, demo_root, tmp_path, case,
     elif case == "no disttrain":
         env["DISTTRAIN"] = str(tmp_path / "no" / "disttrain")
     proc = run_pipeline(fake_slurm, *args, PIPELINE_DIR=str(tmp_path / "pipeline"), **env)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr, proc.stderr
-    assert not submitted(fake_slurm) and not (fake_slurm / "disttrain.log").exists()
+    fake.check_refused(proc, fake_slurm, message)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_SCRIPTS))
