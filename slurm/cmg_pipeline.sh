@@ -84,15 +84,15 @@ for seed in "${SEED_LIST[@]}"; do
         "runtime.seed=$seed" "${SYNTH_EXTRA[@]}"
     synthesize_job="$JOB"
     # stage 2: the classifier's last layer on ID + pseudo-OOD data, one run per method
-    models=("classifier=$classifier_job")
+    MODELS=("classifier=$classifier_job")
     for method in "${METHOD_LIST[@]}"; do
         submit "s$seed-finetune-$method" "$dir/finetune-$method" "afterok:$synthesize_job" "$NPROC_ENV" \
             --kill-on-invalid-dep=yes -- "$ROOT/slurm/finetune_head.sh" \
             --preset "$PRESET" "method=$method" "classifier=$dir/classifier" "pseudo=$dir/synthesize" \
             "data.root=$DATA_ROOT" "runtime.seed=$seed" "${FINETUNE_EXTRA[@]}"
-        models+=("finetune-$method=$JOB")
+        MODELS+=("finetune-$method=$JOB")
     done
-    submit_evaluations "$seed" "$dir" "${models[@]}" --
+    submit_evaluations "$seed" "$dir"
 done
 
 finish_pipeline

@@ -79,16 +79,15 @@ for seed in "${SEED_LIST[@]}"; do
     submit "s$seed-standard" "$dir/standard" "" "$NPROC_ENV" -- "$ROOT/slurm/train_classifier.sh" \
         --preset "$PRESET" "data.root=$DATA_ROOT" "runtime.seed=$seed" "${TRAIN_EXTRA[@]}"
     standard_job="$JOB"
-    models=("standard=$standard_job")
+    MODELS=("standard=$standard_job")
     for method in "${METHOD_LIST[@]}"; do
         submit "s$seed-finetune-$method" "$dir/finetune-$method" "afterok:$standard_job" "$NPROC_ENV" \
             --kill-on-invalid-dep=yes -- "$ROOT/slurm/finetune_oe.sh" \
             --preset "$PRESET" "method=$method" "standard=$dir/standard" "data.root=$DATA_ROOT" \
             "outliers.root=$OUTLIER_POOL" "runtime.seed=$seed" "${FINETUNE_EXTRA[@]}"
-        models+=("finetune-$method=$JOB")
+        MODELS+=("finetune-$method=$JOB")
     done
-    submit_evaluations "$seed" "$dir" "${models[@]}" -- \
-        "interpolate=[0.5,0.6,0.7]" "interpolate_with=$INTERPOLATE_WITH"
+    submit_evaluations "$seed" "$dir" "interpolate=[0.5,0.6,0.7]" "interpolate_with=$INTERPOLATE_WITH"
 done
 
 finish_pipeline

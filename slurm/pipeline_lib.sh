@@ -8,7 +8,7 @@
 #                                        FINETUNE_EXTRA, EVALUATE_EXTRA, REPORT_EXTRA, EVAL_PRESET, DRY_RUN
 #   start_pipeline                       ROOT, PIPELINE_DIR, DISTTRAIN, SBATCH; cds to ROOT; the MLflow
 #                                        parent run (PARENT); cancels what was submitted if the script fails
-#   submit ... / submit_evaluations ...  the jobs (below)
+#   submit ... / submit_evaluations ...  the jobs (below; MODELS=(NAME=JOB ...) names a seed's models)
 #   finish_pipeline                      the report, the closing job, the summary
 # shellcheck shell=bash disable=SC2034
 
@@ -96,6 +96,7 @@ pipeline_knobs() {
 JOB_IDS=()        # every submitted job, in order
 JOB=""            # the id of the last submission
 PARENT=""
+MODELS=()         # a seed's models to evaluate, NAME=JOB (run dir SEED_DIR/NAME)
 EVALUATIONS=()    # evaluate run dirs, for the report
 EVALUATE_JOBS=()
 
@@ -197,19 +198,14 @@ submit() {
     JOB_IDS+=("$JOB")
 }
 
-# submit_evaluations SEED SEED_DIR MODEL=JOB... -- EVALUATE_ARG...
-# One evaluate job per model run dir SEED_DIR/MODEL, after the job that made it, on the ID test set
-# and OOD_LIST (run dir evaluate-<MODEL without finetune->); adds them to EVALUATIONS / EVALUATE_JOBS.
+# submit_evaluations SEED SEED_DIR [EVALUATE_ARG...]
+# One evaluate job per entry MODEL=JOB of MODELS: the model run dir SEED_DIR/MODEL, after the job that
+# made it, on the ID test set and OOD_LIST (run dir evaluate-<MODEL without finetune->); adds them to
+# EVALUATIONS / EVALUATE_JOBS.
 submit_evaluations() {
     local seed="$1" dir="$2" entry model label
     shift 2
-    local -a models=()
-    while [ "$1" != -- ]; do
-        models+=("$1")
-        shift
-    done
-    shift
-    for entry in "${models[@]}"; do
+    for entry in "${MODELS[@]}"; do
         model="${entry%%=*}"
         label="${model#finetune-}"
         submit "s$seed-evaluate-$label" "$dir/evaluate-$label" "afterok:${entry#*=}" "$NPROC_ENV" \
