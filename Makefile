@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
-# accelerate's defaults spelled out, so it does not warn; --multi_gpu + 2 processes gives two
-# gloo ranks on a machine without GPU (with --cpu it would start only one)
-LAUNCH2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no
+# `disttrain launch` is accelerate launch passing the stage's exit code on (2 bad input, 75 stopped
+# with its state saved); accelerate's defaults spelled out, so it does not warn; --multi_gpu + 2
+# processes gives two gloo ranks on a machine without GPU (with --cpu it would start only one)
+LAUNCH2 := $(BIN)/disttrain launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no
 export HF_HUB_OFFLINE := 1
 
 .PHONY: venv demo demo-cmg test test-fast system-deps bench clean

@@ -18,9 +18,26 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 
 def _mlflow_sync(args: argparse.Namespace) -> None:
-    from disttrain.runtime.tracking import replay
+    from disttrain.runtime.tracking import SyncError, sync
 
-    print(f"replayed {args.run_dir} into MLflow run {replay(args.run_dir)}")
+    try:
+        print(sync(args.run_dir))
+    except SyncError as err:  # MLflow failed midway: not the user's input (exit 2), worth running again
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _status(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from disttrain.config import ConfigError
+    from disttrain.runtime.liveness import format_report, run_report
+
+    if not (Path(args.run_dir) / "status.json").is_file():
+        raise ConfigError(f"{args.run_dir} holds no status.json: is it the run_dir of a stage?")
+    report = run_report(args.run_dir)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
 
 
 def _pipeline(args: argparse.Namespace) -> None:
@@ -38,15 +55,29 @@ def _pipeline(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "launch":  # its options are accelerate launch's: no parsing here
+        from disttrain.runtime import launch
+
+        raise SystemExit(launch.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("launch", help="accelerate launch a recipe, passing its exit code on (2 bad input, 75 stopped "
+                                  "with state saved); `disttrain launch --help`")
+
+    p = sub.add_parser("status", help="a run dir's state; for a 'running' one, whether it is alive")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(fn=_status)
 
     p = sub.add_parser("demo-data", help="generate the built-in demo dataset (deterministic, seconds)")
     p.add_argument("--out", default="demo_data", help="output directory (default: ./demo_data)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_demo_data)
 
-    p = sub.add_parser("mlflow-sync", help="replay a run dir's local metric record into MLflow")
+    p = sub.add_parser("mlflow-sync", help="send what a run dir's local record holds and MLflow lacks into its run "
+                       "(after an outage; running it again sends nothing)")
     p.add_argument("run_dir")
     p.set_defaults(fn=_mlflow_sync)
 

@@ -4,6 +4,7 @@
     disttrain shards build webvision /data/webvision shards/webvision-dog --benchmark-exclusions dog \
         --wordnet-is-a /data/imagenet/wordnet.is_a.txt --wordnet-words /data/imagenet/words.txt --workers 32
     disttrain shards verify shards/bird/train
+    disttrain shards index shards/foreign/train    # sample indexes for a split written without them
     disttrain splits rank --model runs/train_classifier/cub-all --data shards/cub-all/test --benchmark bird \
         --out bird.json
     disttrain splits partition --cmg 10class:1 --out cifar10-p1.json
@@ -19,7 +20,7 @@ import numpy as np
 from disttrain.data import splits as split_lib
 from disttrain.data.class_filter import BENCHMARK_EXCLUSIONS, ClassFilter, WordNet, benchmark_filter, read_id_list
 from disttrain.data.layouts import layout_names, read_layout
-from disttrain.data.sharding import ShardingOptions, build_split, verify_split
+from disttrain.data.sharding import ShardingOptions, build_split, index_split, verify_split
 from disttrain.data.shards import DataError
 
 
@@ -65,7 +66,8 @@ def shards_build(args: argparse.Namespace) -> None:
               f"{report['samples_after']} of {report['samples_before']} samples"
               + (f"; excluded e.g. {', '.join(e['name'] for e in excluded[:8])}" if excluded else ""))
     options = ShardingOptions(samples_per_shard=args.samples_per_shard,
-                              max_shard_bytes=int(args.max_shard_mb * 2**20), shuffle_seed=args.shuffle_seed,
+                              max_shard_bytes=int(args.max_shard_mb * 2**20),
+                              shuffle_seed=None if args.keep_order else args.shuffle_seed,
                               resize=args.resize, workers=args.workers)
     manifest = build_split(listing, args.out, options, extra=extra)
     print(f"{args.out}: {manifest['num_samples']} samples of {len(manifest['classes'])} classes in "
@@ -81,6 +83,11 @@ def shards_verify(args: argparse.Namespace) -> None:
           f"{len(report['problems'])} problems")
     if report["problems"]:
         raise SystemExit(1)
+
+
+def shards_index(args: argparse.Namespace) -> None:
+    report = index_split(args.split)
+    print(f"{report['root']}: {report['num_shards']} shards, {report['written']} sample indexes written")
 
 
 def _predictions(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -160,7 +167,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wordnet-words", help="ImageNet's words.txt (wnid<TAB>names) for keyword matching")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--max-shard-mb", type=float, default=0.0, help="also close a shard at this size (0: no limit)")
-    p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle samples across shards")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0,
+                       help="seed of the shuffle of samples across shards (default 0; recorded in the manifest)")
+    order.add_argument("--keep-order", action="store_true",
+                       help="keep the dataset's order (often sorted by class) instead of shuffling")
     p.add_argument("--resize", type=int, default=0, help="shorter side to N px, re-encoded (0: keep the bytes)")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(fn=shards_build)
@@ -168,6 +179,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("split")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(fn=shards_verify)
+    p = shards.add_parser("index", help="write the sample index of every shard that lacks one (older splits)")
+    p.add_argument("split")
+    p.set_defaults(fn=shards_index)
 
     splits = sub.add_parser("splits", help="ID / OOD class splits").add_subparsers(dest="action", required=True)
     p = splits.add_parser("rank", help="MixupOE App. A: top classes by accuracy - mean prediction entropy")

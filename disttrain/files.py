@@ -1,4 +1,8 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+The content reaches the disk (fsync) before the rename makes it visible, so a crash or a
+power cut right after a write leaves the old file or the complete new one.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,33 @@ from typing import Any
 def write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
     return path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (a rename into it, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under `root` (a checkpoint before it is renamed into place)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
     transform = train_transform(cfg.image_size, cfg.resize_size)
     folder = ImageFolder(str(images), transform=transform)
     reader = ShardReader(ShardSplit.open(shards), transform, batch_size=cfg.batch_size, rank=0, world_size=1,
-                         num_workers=cfg.num_workers, seed=0, shuffle_buffer=cfg.shuffle_buffer)
+                         num_workers=cfg.num_workers, seed=0)
     num_batches = cfg.num_batches or reader.batches_per_epoch
     generator = torch.Generator().manual_seed(0)
     # the DataLoader settings ShardReader.loader uses, so only the dataset differs

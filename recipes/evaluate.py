@@ -29,7 +29,9 @@ from safetensors.torch import load_file
 
 from disttrain import config, files
 from disttrain.config import ConfigError, EvaluateConfig
+from disttrain.data.shards import DataError
 from disttrain.data.sources import EvalSource, interpolated_source, open_source
+from disttrain.data.stream import check_damage
 from disttrain.data.transforms import eval_transform
 from disttrain.ood import scorers as scorer_registry
 from disttrain.ood.features import FeatureExtractor, concat, take, to_cpu
@@ -130,6 +132,7 @@ def main(argv: list[str]) -> None:
                                    num_workers=cfg.num_workers)
             seen = 0
             for images, labels, index in loader:
+                run.progress(f"evaluate {source.name}")
                 if limit and seen >= limit:
                     return
                 seen += len(index)
@@ -155,6 +158,7 @@ def main(argv: list[str]) -> None:
                         scorers[name].fit_batch(chunk[key_of[name]])
                 if run.is_main:
                     for name in active:
+                        run.progress(f"fit {name}")
                         scorers[name].fit_end()
             run.print(f"fitted {', '.join(fitting)} on {fit_set.name}")
             # ranks other than 0 perturb inputs with fitted scorers too: share the fitted state
@@ -164,9 +168,12 @@ def main(argv: list[str]) -> None:
 
         # -- one pass per evaluation set; every sample once, in order, on rank 0 ------------------
         sets: dict[str, dict] = {}
+        damaged: dict[str, int] = {}
         for source in [id_set, *ood_sets]:
             local = list(features_of(source, perturb=True))
-            parts = [part for rank_parts in run.gather_objects(local) for part in rank_parts]
+            gathered = run.gather_objects({"parts": local, "problems": source.problems()})
+            parts = [part for rank in gathered for part in rank["parts"]]
+            damaged[source.name] = damage_of(source, [rank["problems"] for rank in gathered], cfg.max_bad_fraction)
             order = torch.cat([part["index"] for part in parts]).argsort()
             sets[source.name] = {key: take(concat([part["features"][key] for part in parts]), order)
                                  for key in parts[0]["features"]}
@@ -177,6 +184,7 @@ def main(argv: list[str]) -> None:
             accuracy = float((id_plain.logits[:, :num_id].argmax(1) == id_plain.labels).float().mean())
 
             def scored(name: str, by_key: dict) -> np.ndarray:
+                run.progress(f"score {name}")
                 key = ("perturbed", name) if scorers[name].needs_input_grad else key_of[name]
                 features = by_key[key]
                 if not scorers[name].reads_extra_outputs:  # the ID classes' logits (all of them but CMG-s's)
@@ -202,10 +210,24 @@ def main(argv: list[str]) -> None:
                     run.save_artifact(path, "plots")
             run.print(markdown_table(rows))
             summary = {"id_accuracy": accuracy, "rows": len(rows), "num_id": len(id_plain),
-                       "num_ood": {s.name: s.num_samples for s in ood_sets}}
+                       "num_ood": {s.name: s.num_samples for s in ood_sets},
+                       **{f"data/damaged_samples/{name}": count for name, count in damaged.items()}}
+            if any(damaged.values()):
+                run.print("skipped damaged images: " + ", ".join(f"{name} {count}" for name, count in damaged.items()
+                                                                 if count))
         run.finish(summary, step=0)
         run.print_summary({"id_accuracy": summary.get("id_accuracy", float("nan")),
                            "table": str(run.run_dir / "results.md")})
+
+
+def damage_of(source: EvalSource, per_rank: list[dict[str, int]], max_bad_fraction: float) -> int:
+    """The damaged images every rank skipped in `source` (a DataError past `max_bad_fraction`, or when
+    nothing of it could be read)."""
+    counts = {key: sum(rank[key] for rank in per_rank) for key in per_rank[0]}
+    check_damage(counts, max_bad_fraction, source.spec)
+    if counts["served_samples"] == 0:
+        raise DataError(f"evaluation set {source.spec!r}: none of its {source.num_samples} images could be read")
+    return counts["corrupt_samples"] + counts["unreadable_samples"]
 
 
 def _lockstep(run: Any, local: Iterator[dict], source: EvalSource, cfg: EvaluateConfig) -> Iterator[dict]:

@@ -46,7 +46,7 @@ from disttrain.runtime import TrainLoop, entrypoint, read_status, start_run
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
-from disttrain.runtime.saved import load_saved_classifier, saved_model_card
+from disttrain.runtime.saved import card_stem, load_saved_classifier, saved_model_card
 
 PSEUDO_DIR = "pseudo_ood"  # where synthesize writes its split
 INIT = {"frozen": "finetune", "unfrozen": "unfrozen", "direct": "direct"}  # the report's row suffix
@@ -88,7 +88,7 @@ def pseudo_split(cfg: FinetuneHeadConfig) -> ShardSplit | None:
             raise ConfigError(f"pseudo={cfg.pseudo!r} is a run that has not finished writing pseudo-OOD shards "
                               f"(status: {state}): finish recipes/synthesize.py first")
         root = root / PSEUDO_DIR
-    split = ShardSplit.open(root)
+    split = ShardSplit.open(root, cfg.data.verify_checksums)
     if split.num_samples == 0:
         raise ConfigError(f"pseudo={cfg.pseudo!r} holds no pseudo-OOD images: synthesize some (cmg.ratio > 0)")
     return split
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
     cfg = config.parse_cli(FinetuneHeadConfig, argv)
     data = cfg.data
     # -- every input checked before any compute ------------------------------------------------
-    train_split = ShardSplit.open(Path(data.root) / data.train_split)
+    train_split = ShardSplit.open(Path(data.root) / data.train_split, data.verify_checksums)
     test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size)
     card = classifier_card(cfg, train_split)
     pseudo = pseudo_split(cfg)
@@ -112,10 +112,10 @@ def main(argv: list[str]) -> None:
         # -- build: h (the extractor) and f (the last layer) ------------------------------------
         if card is None:
             net = build_classifier(cfg.model, num_id, data.image_size)
-            model_name, stem = cfg.model.name, cfg.model.small_input_stem
+            model_name, stem = cfg.model.name, cfg.model.stem
         else:
             net, _ = load_saved_classifier(cfg.classifier)
-            model_name, stem = card["model"], card.get("small_input_stem", False)
+            model_name, stem = card["model"], card_stem(card)
         extractor, head = split_head(net)
         head = widen_head(head, extra).requires_grad_(True)
         frozen = cfg.strategy == "frozen"
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> None:
         # -- cmg_energy's margins, from the energies before fine-tuning ---------------------------
         tester = ClassifierEval(run, test_set, image_size=data.image_size, resize_size=data.resize_size,
                                 batch_size=cfg.batch.micro_size, num_workers=data.num_workers,
-                                channels_last=cfg.runtime.channels_last)
+                                channels_last=cfg.runtime.channels_last, max_bad_fraction=data.max_bad_fraction)
         if cfg.method == "cmg_energy":
             trainable.eval()  # the model as it is: BatchNorm on its running statistics
             margins = energy_margin_values(cfg, run, tester, logits_of, train_split, pseudo)
@@ -145,16 +145,16 @@ def main(argv: list[str]) -> None:
         else:
             margins, loss = {}, CMGSoftmax()
 
-        transform = train_transform(data.image_size, data.resize_size, data.augment)
+        transform = train_transform(data.image_size, data.resize_size, data.augment, data.hflip)
         reader = ShardReader(train_split, transform, batch_size=cfg.batch.micro_size, rank=run.rank,
                              world_size=run.world_size, num_workers=data.num_workers, seed=cfg.runtime.seed,
-                             shuffle_buffer=data.shuffle_buffer)
+                             max_bad_fraction=data.max_bad_fraction)
         stream = None
         if pseudo is not None:
             micro = cfg.batch.companion_micro_size(cfg.pseudo_ood.batch_size, "pseudo_ood.batch_size", run.world_size)
             stream = OutlierStream(pseudo, transform, batch_size=micro, batches_per_epoch=reader.batches_per_epoch,
                                    rank=run.rank, world_size=run.world_size, num_workers=cfg.pseudo_ood.num_workers,
-                                   seed=cfg.runtime.seed, shuffle_buffer=cfg.pseudo_ood.shuffle_buffer)
+                                   seed=cfg.runtime.seed, max_bad_fraction=data.max_bad_fraction)
             run.log_data("pseudo_ood", pseudo.root / MANIFEST)
         run.log_data("train", train_split.root / MANIFEST)
         steps = total_steps(reader.batches_per_epoch, run.grad_accum_steps, cfg.train.num_epochs,
@@ -190,7 +190,8 @@ def main(argv: list[str]) -> None:
 
         # -- loop --------------------------------------------------------------------------------
         loop = TrainLoop(run, trainable, optimizer, train_step, scheduler=scheduler,
-                         eval_fn=lambda: {"eval/acc1": tester.accuracy(id_classifier())}, data_counters=data_problems)
+                         eval_fn=lambda: {"eval/acc1": tester.accuracy(id_classifier())}, data_counters=data_problems,
+                         data_names={"": str(train_split.root), "pseudo_": str(pseudo.root) if pseudo else ""})
         result = loop.fit(batches, batches_per_epoch=reader.batches_per_epoch, num_epochs=cfg.train.num_epochs,
                           max_steps=cfg.train.max_steps)
 
@@ -198,7 +199,7 @@ def main(argv: list[str]) -> None:
         whole = attach_head(extractor, run.accelerator.unwrap_model(trainable)) if frozen else trainable
         base = card or {}
         model_dir = run.save_model(whole, info={
-            "model": model_name, "small_input_stem": stem, "num_classes": num_id, "num_outputs": num_id + extra,
+            "model": model_name, "stem": stem, "num_classes": num_id, "num_outputs": num_id + extra,
             "classes": train_split.classes, "image_size": data.image_size, "resize_size": data.resize_size,
             "method": cfg.method, "score": loss.score, "strategy": cfg.strategy,
             "init": INIT[cfg.strategy] + ("" if pseudo is not None else "-no-pseudo-ood"),
@@ -207,7 +208,8 @@ def main(argv: list[str]) -> None:
             "hyperparameters": {**margins, **({"weight": cfg.cmg_energy.weight,
                                                "temperature": cfg.cmg_energy.temperature}
                                               if cfg.method == "cmg_energy" else {})}})
-        summary = loop.summary(result, method=cfg.method, strategy=cfg.strategy, model_dir=str(model_dir), **margins)
+        summary = loop.summary(result, method=cfg.method, strategy=cfg.strategy, model_dir=str(model_dir), **margins,
+                               **reader.manifest_counts(), **(stream.manifest_counts("pseudo_") if stream else {}))
         run.finish(summary, step=result["step"])
         run.print_summary(summary)
 

@@ -44,7 +44,7 @@ from disttrain.runtime import TrainLoop, entrypoint, start_run
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
-from disttrain.runtime.saved import load_saved_classifier, saved_model_card
+from disttrain.runtime.saved import card_stem, load_saved_classifier, saved_model_card
 
 
 def standard_card(cfg: FinetuneOEConfig, train_split: ShardSplit) -> dict[str, Any] | None:
@@ -75,12 +75,12 @@ def main(argv: list[str]) -> None:
         cfg = config.parse_cli(FinetuneOEConfig, [*config.sweep_choice(cfg.hparams_from), *argv])
     data, out = cfg.data, cfg.outliers
     # -- every input checked before any compute ------------------------------------------------
-    train_split = ShardSplit.open(Path(data.root) / data.train_split)
+    train_split = ShardSplit.open(Path(data.root) / data.train_split, data.verify_checksums)
     test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size)
     card = standard_card(cfg, train_split)
     if card is None:
         check_classifier_config(cfg.model, data.image_size)
-    pool = ShardSplit.open(out.root)
+    pool = ShardSplit.open(out.root, data.verify_checksums)
     keep, exclusions = stream_classes(pool.classes, pool.manifest.get("class_ids", []),
                                       pool.manifest.get("class_counts", []), benchmark=out.exclude_benchmark,
                                       exclude_ids=out.exclude_ids, wordnet_dir=out.wordnet)
@@ -91,22 +91,22 @@ def main(argv: list[str]) -> None:
         # -- build ---------------------------------------------------------------------------
         if card is None:
             model = build_classifier(cfg.model, train_split.num_classes, data.image_size)
-            model_name, stem = cfg.model.name, cfg.model.small_input_stem
+            model_name, stem = cfg.model.name, cfg.model.stem
         else:
             model, _ = load_saved_classifier(cfg.standard)
             model = model.train().requires_grad_(True)
-            model_name, stem = card["model"], card.get("small_input_stem", False)
+            model_name, stem = card["model"], card_stem(card)
         model = run.place(model)
         ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
-        transform = train_transform(data.image_size, data.resize_size, data.augment)
+        transform = train_transform(data.image_size, data.resize_size, data.augment, data.hflip)
         reader = ShardReader(train_split, transform, batch_size=cfg.batch.micro_size, rank=run.rank,
                              world_size=run.world_size, num_workers=data.num_workers, seed=cfg.runtime.seed,
-                             shuffle_buffer=data.shuffle_buffer)
+                             max_bad_fraction=data.max_bad_fraction)
         outlier_micro = cfg.batch.companion_micro_size(out.batch_size, "outliers.batch_size", run.world_size)
         outliers = OutlierStream(pool, transform, batch_size=outlier_micro,
                                  batches_per_epoch=reader.batches_per_epoch, rank=run.rank,
                                  world_size=run.world_size, num_workers=out.num_workers, seed=cfg.runtime.seed,
-                                 shuffle_buffer=out.shuffle_buffer, keep_labels=keep)
+                                 keep_labels=keep, max_bad_fraction=data.max_bad_fraction)
         steps = total_steps(reader.batches_per_epoch, run.grad_accum_steps, cfg.train.num_epochs,
                             cfg.train.max_steps)
         optimizer = build_optimizer(cfg.optim, cfg.batch, model)
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> None:
         model, optimizer = run.prepare(model, optimizer)
         tester = ClassifierEval(run, test_set, image_size=data.image_size, resize_size=data.resize_size,
                                 batch_size=cfg.batch.micro_size, num_workers=data.num_workers,
-                                channels_last=cfg.runtime.channels_last)
+                                channels_last=cfg.runtime.channels_last, max_bad_fraction=data.max_bad_fraction)
 
         def batches(epoch: int, skip: int) -> Iterator[tuple]:
             """ID and outlier micro-batches side by side, with the seed of the batch's mixing draws."""
@@ -143,19 +143,21 @@ def main(argv: list[str]) -> None:
 
         # -- loop ----------------------------------------------------------------------------
         loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, ema=ema,
-                         eval_fn=lambda: tester.metrics(model, ema), data_counters=data_problems)
+                         eval_fn=lambda: tester.metrics(model, ema), data_counters=data_problems,
+                         data_names={"": str(train_split.root), "outliers_": str(pool.root)})
         result = loop.fit(batches, batches_per_epoch=reader.batches_per_epoch, num_epochs=cfg.train.num_epochs,
                           max_steps=cfg.train.max_steps)
 
         # -- save ----------------------------------------------------------------------------
         model_dir = run.save_model(model, ema=ema, info={
-            "model": model_name, "small_input_stem": stem, "num_classes": train_split.num_classes,
+            "model": model_name, "stem": stem, "num_classes": train_split.num_classes,
             "classes": train_split.classes,
             "image_size": data.image_size, "resize_size": data.resize_size, "method": cfg.method,
             "init": "scratch" if card is None else "finetune", "score": objective.score,
             "standard": str(Path(cfg.standard).resolve()) if card is not None else "",
             "hyperparameters": method_params, "outliers": str(Path(out.root).resolve())})
-        summary = loop.summary(result, method=cfg.method, model_dir=str(model_dir))
+        summary = loop.summary(result, method=cfg.method, model_dir=str(model_dir), **reader.manifest_counts(),
+                               **outliers.manifest_counts("outliers_"))
         run.finish(summary, step=result["step"])
         run.print_summary(summary)
 

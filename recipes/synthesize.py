@@ -96,6 +96,7 @@ def main(argv: list[str]) -> None:
         table = cvae.class_embedding.weight.detach().cpu()
         shards, buffer, grid = [], [], []
         for start in range(first, last, cfg.batch_size):
+            run.progress("synthesize")
             n = min(cfg.batch_size, last - start)
             mixed = mixed_conditions(table, n, generator)
             z = sample_latents(n, cvae.latent_dim, cfg.cmg.sigma, generator, cfg.cmg.filter_t)
@@ -112,8 +113,10 @@ def main(argv: list[str]) -> None:
                     buffer = []
         if buffer:
             shards.append(write_shard(rank_dir, len(shards), buffer))
-        for shard in shards:
+        for shard in shards:  # the manifest names files relative to the split's root
             shard["name"] = f"{rank_dir.name}/{shard['name']}"
+            if shard.get("index"):
+                shard["index"] = f"{rank_dir.name}/{shard['index']}"
         elapsed = time.perf_counter() - started
 
         every = run.gather_objects({"shards": shards, "seconds": elapsed})

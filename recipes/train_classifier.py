@@ -36,7 +36,7 @@ from disttrain.runtime.optim import build_optimizer, build_schedule
 def main(argv: list[str]) -> None:
     cfg = config.parse_cli(TrainClassifierConfig, argv)
     data = cfg.data
-    train_split = ShardSplit.open(Path(data.root) / data.train_split)  # data errors before any compute
+    train_split = ShardSplit.open(Path(data.root) / data.train_split, data.verify_checksums)  # errors before compute
     test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size)
     check_classifier_config(cfg.model, data.image_size)
 
@@ -45,9 +45,10 @@ def main(argv: list[str]) -> None:
         model = build_classifier(cfg.model, train_split.num_classes, data.image_size)
         model = run.place(model)
         ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
-        reader = ShardReader(train_split, train_transform(data.image_size, data.resize_size, data.augment),
-                             batch_size=cfg.batch.micro_size, rank=run.rank, world_size=run.world_size,
-                             num_workers=data.num_workers, seed=cfg.runtime.seed, shuffle_buffer=data.shuffle_buffer)
+        transform = train_transform(data.image_size, data.resize_size, data.augment, data.hflip)
+        reader = ShardReader(train_split, transform, batch_size=cfg.batch.micro_size, rank=run.rank,
+                             world_size=run.world_size, num_workers=data.num_workers, seed=cfg.runtime.seed,
+                             max_bad_fraction=data.max_bad_fraction)
         steps = total_steps(reader.batches_per_epoch, run.grad_accum_steps, cfg.train.num_epochs,
                             cfg.train.max_steps)
         optimizer = build_optimizer(cfg.optim, cfg.batch, model)
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> None:
         model, optimizer = run.prepare(model, optimizer)
         tester = ClassifierEval(run, test_set, image_size=data.image_size, resize_size=data.resize_size,
                                 batch_size=cfg.batch.micro_size, num_workers=data.num_workers,
-                                channels_last=cfg.runtime.channels_last)
+                                channels_last=cfg.runtime.channels_last, max_bad_fraction=data.max_bad_fraction)
 
         def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
             images, labels = tester.images(batch[0]), tester.labels(batch[1])
@@ -69,15 +70,16 @@ def main(argv: list[str]) -> None:
 
         # -- loop ----------------------------------------------------------------------------
         loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, ema=ema,
-                         eval_fn=lambda: tester.metrics(model, ema), data_counters=reader.problems)
+                         eval_fn=lambda: tester.metrics(model, ema), data_counters=reader.problems,
+                         data_names={"": str(train_split.root)})
         result = loop.fit(reader.loader, batches_per_epoch=reader.batches_per_epoch,
                           num_epochs=cfg.train.num_epochs, max_steps=cfg.train.max_steps)
 
         # -- save ----------------------------------------------------------------------------
         model_dir = run.save_model(model, ema=ema, info={
-            "model": cfg.model.name, "small_input_stem": cfg.model.small_input_stem, "num_classes": train_split.num_classes, "classes": train_split.classes,
-            "image_size": data.image_size, "resize_size": data.resize_size})
-        summary = loop.summary(result, model_dir=str(model_dir))
+            "model": cfg.model.name, "stem": cfg.model.stem, "num_classes": train_split.num_classes,
+            "classes": train_split.classes, "image_size": data.image_size, "resize_size": data.resize_size})
+        summary = loop.summary(result, model_dir=str(model_dir), **reader.manifest_counts())
         run.finish(summary, step=result["step"])
         run.print_summary(summary)
 

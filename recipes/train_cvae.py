@@ -36,7 +36,7 @@ from disttrain.runtime.optim import build_optimizer, build_schedule
 def main(argv: list[str]) -> None:
     cfg = config.parse_cli(TrainCVAEConfig, argv)
     data = cfg.data
-    train_split = ShardSplit.open(Path(data.root) / data.train_split)  # data errors before any compute
+    train_split = ShardSplit.open(Path(data.root) / data.train_split, data.verify_checksums)  # errors before compute
     test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size) if data.eval_batches else None
 
     with start_run(cfg) as run:
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
         transform = generator_transform(data.image_size, data.channels, data.hflip)
         reader = ShardReader(train_split, transform, batch_size=cfg.batch.micro_size, rank=run.rank,
                              world_size=run.world_size, num_workers=data.num_workers, seed=cfg.runtime.seed,
-                             shuffle_buffer=data.shuffle_buffer)
+                             max_bad_fraction=data.max_bad_fraction)
         steps = total_steps(reader.batches_per_epoch, run.grad_accum_steps, cfg.train.num_epochs,
                             cfg.train.max_steps)
         optimizer = build_optimizer(cfg.optim, cfg.batch, model)
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> None:
 
         # -- loop ----------------------------------------------------------------------------
         loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, eval_fn=test_loss,
-                         data_counters=reader.problems)
+                         data_counters=reader.problems, data_names={"": str(train_split.root)})
         result = loop.fit(reader.loader, batches_per_epoch=reader.batches_per_epoch,
                           num_epochs=cfg.train.num_epochs, max_steps=cfg.train.max_steps)
 
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
             "train_data": str(train_split.root.resolve())})
         if run.is_main:
             run.save_artifact(write_class_samples(run.eval_model(model), run.run_dir / "samples.png", cfg.runtime.seed))
-        summary = loop.summary(result, model_dir=str(model_dir))
+        summary = loop.summary(result, model_dir=str(model_dir), **reader.manifest_counts())
         run.finish(summary, step=result["step"])
         run.print_summary(summary)
 

@@ -21,8 +21,12 @@
 #                     $SLURM_GPUS_ON_NODE, else 1
 #   * NNODES          $SLURM_NNODES
 #   * python env      $DISTTRAIN_ROOT/.venv is activated if present, unless
-#                     ACCELERATE=/path/to/accelerate or PYTHON=/path/to/python
-#                     (an interpreter with accelerate installed) is given
+#                     PYTHON=/path/to/python (an interpreter with disttrain
+#                     installed) or ACCELERATE=/path/to/accelerate (the python
+#                     beside it is used) is given.  Stages start with
+#                     "disttrain launch" (accelerate launch's options), which
+#                     passes the stage's exit code on: 0 finished, 2 bad input,
+#                     75 stopped with its state saved, 1 failed
 #   * ACCELERATE_CONFIG   optional accelerate config file (--config_file)
 #   * RUN_DIR         default runs/<stage>/slurm-$SLURM_JOB_ID (the job id is
 #                     kept on requeue, so a requeued job finds its checkpoints)
@@ -44,6 +48,10 @@
 #   either: it would kill the torchrun agent (no handler) and orphan workers.
 #   A TERM that arrives because the job is being cancelled or timed out (job
 #   state no longer RUNNING) does not requeue.
+#   A stage that exits 75 without a signal (the watchdog ended a run whose rank
+#   stalled, or whose launcher died) also requeues, at most
+#   DISTTRAIN_MAX_STALL_REQUEUES times (default 3) per job.
+#   Exit code 2 (bad input) never requeues: the same input would fail again.
 #   If training fails for any other reason, the script exits with its code.
 
 if [ -n "${_DISTTRAIN_COMMON_SOURCED:-}" ]; then
@@ -97,18 +105,21 @@ NUM_PROCESSES=$((NNODES * NPROC))
 export NNODES MAIN_ADDR MAIN_PORT NPROC NUM_PROCESSES
 
 # ----------------------------------------------------------------- python
-if [ -n "${ACCELERATE:-}" ]; then
-    _DT_LAUNCHER=("$ACCELERATE" launch)
-elif [ -n "${PYTHON:-}" ]; then
-    _DT_LAUNCHER=("$PYTHON" -m accelerate.commands.launch)
+# `disttrain launch` takes accelerate launch's options and passes the stage's exit code on
+if [ -z "${PYTHON:-}" ] && [ -n "${ACCELERATE:-}" ]; then
+    PYTHON="$(dirname "$ACCELERATE")/python"
+    [ -x "$PYTHON" ] || _dt_die "no python beside ACCELERATE=$ACCELERATE; set PYTHON=/path/to/python instead"
+fi
+if [ -n "${PYTHON:-}" ]; then
+    _DT_LAUNCHER=("$PYTHON" -m disttrain.runtime.launch)
 else
     if [ -f "$DISTTRAIN_ROOT/.venv/bin/activate" ]; then
         # shellcheck disable=SC1091
         source "$DISTTRAIN_ROOT/.venv/bin/activate"
     fi
-    command -v accelerate >/dev/null 2>&1 ||
-        _dt_die "'accelerate' not found (no $DISTTRAIN_ROOT/.venv?); set ACCELERATE=/path/to/accelerate or PYTHON=/path/to/python"
-    _DT_LAUNCHER=(accelerate launch)
+    command -v disttrain >/dev/null 2>&1 ||
+        _dt_die "'disttrain' not found (no $DISTTRAIN_ROOT/.venv?); set PYTHON=/path/to/python"
+    _DT_LAUNCHER=(disttrain launch)
 fi
 # flush python output promptly into the job log
 export PYTHONUNBUFFERED="${PYTHONUNBUFFERED:-1}"
@@ -180,7 +191,7 @@ _dt_requeue() {
 # ----------------------------------------------------------------- run_stage
 # run_stage RECIPE.py [key=value ...]
 # Launches recipes/RECIPE.py on every node of the allocation with
-# accelerate launch, run_dir=$RUN_DIR and the given arguments.  Returns the
+# disttrain launch, run_dir=$RUN_DIR and the given arguments.  Returns the
 # exit code of the training; on pre-emption it requeues the job and exits.
 run_stage() {
     local recipe="${1:?usage: run_stage RECIPE.py [args...]}"
@@ -226,7 +237,7 @@ run_stage() {
 
 # ----------------------------------------------------------------- run_driver
 # node_launcher
-# Prints the "accelerate launch ..." command line, shell-quoted as one string,
+# Prints the "disttrain launch ..." command line, shell-quoted as one string,
 # that starts NPROC processes on this node: the launcher= of a driver recipe.
 node_launcher() {
     local -a launch=("${_DT_LAUNCHER[@]}"
@@ -310,7 +321,17 @@ _dt_wait_step() {
         _dt_requeue
         return "$rc"
     fi
-    if [ "$rc" -ne 0 ]; then
+    if [ "$rc" -eq 75 ]; then
+        if [ "${SLURM_RESTART_COUNT:-0}" -lt "${DISTTRAIN_MAX_STALL_REQUEUES:-3}" ]; then
+            _dt_log "stage $stage stopped with its state saved (exit code 75: a stalled rank or a lost launcher)"
+            _dt_requeue
+        fi
+        _dt_log "stage $stage stopped with its state saved (exit code 75) too often; not requeueing"
+        return "$rc"
+    fi
+    if [ "$rc" -eq 2 ]; then
+        _dt_log "stage $stage failed with exit code 2 (bad input: fix the arguments or the data); not requeueing"
+    elif [ "$rc" -ne 0 ]; then
         _dt_log "stage $stage failed with exit code $rc"
     else
         _dt_log "stage $stage finished"

@@ -13,7 +13,7 @@
 # Hyper-parameter sweep of outlier exposure with recipes/sweep_oe.py (see slurm/train_classifier.sh
 # for the options and environment variables; they are the same).  sweep_oe.py is a single-process
 # driver: it runs here, on the batch host, and starts every trial's finetune_oe / evaluate with
-#   launcher="accelerate launch --num_machines 1 --num_processes $NPROC [--multi_gpu] ..."
+#   launcher="disttrain launch --num_machines 1 --num_processes $NPROC [--multi_gpu] ..."
 # on this node (one node only; NPROC_PER_NODE processes, default: the node's GPUs).
 #   mkdir -p runs/slurm
 #   sbatch slurm/sweep_oe.sh --preset bird finetune=[standard=runs/train_classifier/bird,data.root=...,outliers.root=...] \

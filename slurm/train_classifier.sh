@@ -11,7 +11,8 @@
 #SBATCH --output=runs/slurm/%x-%j.out
 #
 # Train the classifier with recipes/train_classifier.py on a Slurm cluster.
-# One task per node runs "accelerate launch", which starts one process per GPU.
+# One task per node runs "disttrain launch" (accelerate launch, passing the stage's exit code on),
+# which starts one process per GPU.
 #
 # Usage (from the repository root; the log directory must exist):
 #   mkdir -p runs/slurm

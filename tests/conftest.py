@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,16 @@ def interrupt_at_step(recipe: str, args: list[str], run_dir: Path, workdir: Path
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted", "".join(lines)[-3000:]
     return status
+
+
+def wait_for(condition, timeout: float = 180, what: str = "") -> None:
+    """Poll `condition()` until it holds; a TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"waited {timeout}s for {what}")
 
 
 @pytest.fixture(scope="session")

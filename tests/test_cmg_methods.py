@@ -91,7 +91,9 @@ def test_ood_class_scorer_reads_the_extra_output_only():
     scorer = scorers.get("ood_class")
     assert scorer.reads_extra_outputs and not scorers.get("msp").reads_extra_outputs
     score = scorer.score(Features(logits=torch.tensor([[0.0, 0.0, math.log(2)], [0.0, 0.0, -100.0]])))
-    assert score.tolist() == pytest.approx([0.5, 0.0], abs=1e-6)  # higher = more OOD
+    # stored: log p_{N+1} (float64, keeps confident inputs apart); the paper's p_{N+1} is paper_score of it
+    assert score.tolist() == pytest.approx([math.log(0.5), -100 - math.log(2)], rel=1e-6)
+    assert scorer.paper_score(score).tolist() == pytest.approx([0.5, 0.0], abs=1e-6)  # higher = more OOD
 
 
 @pytest.mark.parametrize("variant,size,channels", [("resnet18", 32, 3), ("small", 28, 1)])

@@ -45,7 +45,7 @@ def test_paper_preset_follows_mixupoe_appendix_d1():
     ("batch.micro_size=0", ["batch.micro_size=0 must be > 0"]),
     ("data.image_size=64", ["data.image_size=64", "data.resize_size"]),
     ("model.pretrained=true", ["model.pretrained_file"]),
-    ("justaword", ["expected --preset NAME or key=value"]),
+    ("justaword", ["expected --preset NAME, key=value"]),
 ])
 def test_bad_overrides_name_the_key(arg, words):
     with pytest.raises(ConfigError) as err:
@@ -126,10 +126,71 @@ def test_pretrained_weights_come_from_the_local_file_only(tmp_path):
     assert model.get_classifier().out_features == 7  # a fresh head for the new classes
 
 
-def test_help_lists_presets_and_keys():
+def test_help_lists_presets_and_keys(capsys):
     with pytest.raises(SystemExit) as exc:
         build("--help")
-    assert "presets: debug, demo" in str(exc.value) and "optim.lr" in str(exc.value)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "presets: debug, demo" in out and "optim.lr = 0.001" in out
+
+
+def run_recipe(recipe: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "recipes" / recipe), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_print_config_shows_a_presets_resolved_values_without_running(tmp_path):
+    """`--print-config` (or `--help --preset X`) shows what a preset resolves to; nothing runs."""
+    shown = run_recipe("train_classifier.py", "--preset", "svhn", "run_dir=r", "data.root=d", "optim.lr=0.5",
+                       "--print-config", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "# train_classifier --preset svhn: resolved config"
+    assert "optim.lr = 0.5" in lines and "data.hflip = False" in lines and "model.stem = 'small'" in lines
+    helped = run_recipe("train_classifier.py", "--help", "--preset", "cifar10", cwd=tmp_path)
+    assert helped.returncode == 0 and "keys (with --preset cifar10):" in helped.stdout
+    assert "  data.hflip = True" in helped.stdout and "  batch.global_size = 512" in helped.stdout
+    bad = run_recipe("train_classifier.py", "--preset", "svhn", "run_dir=r", "data.root=d", "optim.lr=-1",
+                     "--print-config", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: optim.lr=-1.0 must be > 0"
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("optim.lr=-0.1", "optim.lr=-0.1 must be > 0"),
+    ("optim.lr=nan", "optim.lr=nan must be > 0"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+    ("data.max_bad_fraction=2", "data.max_bad_fraction=2.0 must be in [0, 1]"),
+    ("runtime.stall_timeout_minutes=-1", "runtime.stall_timeout_minutes=-1.0 must be >= 0"),
+    ("optim.momentum=1", "optim.momentum=1.0 must be in [0, 1)"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(arg, message):
+    with pytest.raises(ConfigError) as exc:
+        build("--preset", "debug", arg)
+    assert str(exc.value) == message
+
+
+def test_flips_are_one_setting_for_every_training_stage():
+    """Digits and house numbers are not flipped, by any stage of their presets; others are."""
+    from disttrain.config import FinetuneHeadConfig, TrainCVAEConfig
+    from disttrain.data.transforms import train_transform
+
+    for cls in (TrainClassifierConfig, TrainCVAEConfig, FinetuneHeadConfig):
+        for name, flips in (("mnist", False), ("svhn", False), ("cifar10", True), ("demo", True)):
+            cfg = config.resolve(cls, name)
+            assert cfg.data.hflip is flips, (cls.STAGE, name)
+    unflipped = train_transform(32, 32, "pad_crop", hflip=False)
+    assert not any("Flip" in type(t).__name__ for t in unflipped.transforms)
+    assert any("Flip" in type(t).__name__ for t in train_transform(32, 32, "pad_crop").transforms)
+
+
+def test_evaluate_checks_interpolate_with_only_when_interpolating():
+    from disttrain.config import EvaluateConfig
+
+    base = {"run_dir": "r", "model": "m", "id": "i", "ood": "[a,b]", "interpolate_with": "c"}
+    assert config.build(EvaluateConfig, None, {**base, "interpolate": "[]"}).interpolate == []
+    with pytest.raises(ConfigError, match="interpolate_with='c' is not one of ood"):
+        config.build(EvaluateConfig, None, {**base, "interpolate": "[0.5]"})
 
 
 def test_cifar_style_augmentation_needs_whole_images_at_evaluation():
@@ -171,3 +232,16 @@ def test_deepspeed_bf16_is_torch_autocast_around_an_fp32_engine():
 
     ds = deepspeed_config(RuntimeConfig(precision="bf16", zero_stage=2), BatchConfig(32, 16), 2)
     assert ds["bf16"] == {"enabled": False} and not ds.get("torch_autocast", {}).get("enabled")
+
+
+def test_classifier_presets_fit_their_image_size():
+    """The model check refuses an image smaller than the model's total downsampling (its last map
+    would be padding): no preset that builds a model from its config may trip it -- the 16 px debug
+    presets drop the stem's max-pool (/16, a 1x1 map) where the ImageNet stem (/32) would not fit."""
+    from disttrain.config import FinetuneHeadConfig, FinetuneOEConfig
+    from disttrain.models.classifier import total_reduction
+
+    presets = [(TrainClassifierConfig, name) for name in config.presets_for(TrainClassifierConfig)]
+    for cls, name in [*presets, (FinetuneOEConfig, "debug"), (FinetuneHeadConfig, "debug")]:
+        cfg = config.resolve(cls, name)
+        assert cfg.data.image_size >= total_reduction(cfg.model.name, cfg.model.stem), (cls.STAGE, name, cfg.model)

@@ -4,7 +4,9 @@ resume in the middle of fine-tuning; the hyper-parameter sweep; bad input named 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 
 import numpy as np
@@ -16,7 +18,7 @@ from safetensors.torch import load_file
 from disttrain.data.class_filter import stream_classes
 from disttrain.data.shards import DataError, ShardSplit
 from disttrain.data.stream import OutlierStream
-from tests.conftest import interrupt_at_step, recipe_command, recipe_env
+from tests.conftest import interrupt_at_step, recipe_command, recipe_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -93,13 +95,26 @@ def test_sigterm_mid_finetune_then_resume_equals_uninterrupted(launch, demo_root
 
 
 def test_sweep_picks_a_trial_and_finetune_reads_it(demo_root, standard, tmp_path):
+    """...and survives a trial stage that stops with its state saved (SIGTERM to the trial alone, as
+    a drained node or a stall would do): the trial is started again and resumes."""
     sweep_dir = tmp_path / "sweep"
     args = ["--preset", "debug", f"run_dir={sweep_dir}", f"launcher={recipe_command('', [], 1)[0]}",
             f"finetune=[method=mixup_oe,data.root={demo_root},outliers.root={demo_root}/outliers,"
-            f"standard={standard},train.max_steps=4]", f"id={demo_root}/test", "max_acc_drop=1.0"]
-    proc = subprocess.run(recipe_command("sweep_oe.py", args, nproc=1), cwd=tmp_path, env=recipe_env(tmp_path),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+            f"standard={standard},train.max_steps=4,runtime.heartbeat_seconds=1]", f"id={demo_root}/test",
+            "max_acc_drop=1.0"]
+    with open(tmp_path / "sweep.log", "w+") as log:
+        proc = subprocess.Popen(recipe_command("sweep_oe.py", args, nproc=1), cwd=tmp_path, env=recipe_env(tmp_path),
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        trial = sweep_dir / "trial-00" / "finetune"
+        wait_for(lambda: (trial / "status.json").is_file() and json.loads(
+            (trial / "status.json").read_text()).get("state") == "running", timeout=300, what="trial 0 running")
+        os.kill(json.loads((trial / "status.json").read_text())["pid"], signal.SIGTERM)
+        proc.wait(timeout=900)
+        log.seek(0)
+        output = log.read()
+    assert proc.returncode == 0, output[-3000:]
+    trial_log = (sweep_dir / "trial-00" / "finetune.log").read_text()
+    assert "restarting it to resume" in trial_log and "resumed from" in trial_log, trial_log[-3000:]
     chosen = json.loads((sweep_dir / "chosen.json").read_text())
     trials = (sweep_dir / "trials.csv").read_text().splitlines()
     assert len(trials) == 3 and chosen["overrides"]["mixup_oe.beta_id_ood"] in ("1", "5")
@@ -138,7 +153,7 @@ def test_outlier_stream_serves_only_kept_classes(demo_root, tmp_path):
                                   exclude_ids=["n00000000", "n00000003"])
     assert keep == frozenset(range(10)) - {0, 3} and report["kept_classes"] == 8
     stream = OutlierStream(ShardSplit.open(pool), lambda image: torch.zeros(1), batch_size=16, batches_per_epoch=6,
-                           rank=0, world_size=1, num_workers=0, seed=0, shuffle_buffer=32, keep_labels=keep)
+                           rank=0, world_size=1, num_workers=0, seed=0, keep_labels=keep)
     labels = torch.cat([labels for _, labels in stream.loader(0)])
     assert len(labels) == 96 and not set(labels.tolist()) & {0, 3}
     with pytest.raises(DataError, match="leave no class"):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
+import os
+import re
 import pickle
+import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -272,13 +277,34 @@ def test_fgvc_aircraft(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- arrays.py
 
 
-def cifar_batch(path: Path, data: np.ndarray, **labels: list[int]) -> None:
+def cifar_batch(path: Path, data: np.ndarray, protocol: int = 2, **labels: list[int]) -> None:
     """A CIFAR python batch: R, G, B planes of each image in a row of 3072 bytes."""
     batch = {b"batch_label": b"batch", b"data": data.transpose(0, 3, 1, 2).reshape(len(data), -1),
              b"filenames": [f"img_{i}.png".encode() for i in range(len(data))],
              **{k.encode(): v for k, v in labels.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(batch, protocol=2))
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+
+
+def python2_cifar_batch(path: Path, data: np.ndarray, labels: list[int]) -> None:
+    """A CIFAR batch as the original files were written: cPickle protocol 2 by Python 2 with numpy 1
+    (str as BINSTRING, the array through numpy.core.multiarray._reconstruct and numpy.dtype)."""
+    def string(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+
+    def integer(i: int) -> bytes:
+        return b"J" + struct.pack("<i", i)
+
+    rows = data.transpose(0, 3, 1, 2).reshape(len(data), -1)
+    dtype = (b"cnumpy\ndtype\n" + string(b"u1") + integer(0) + integer(1) + b"\x87R"  # dtype('u1', 0, 1)
+             + b"(" + integer(3) + string(b"|") + b"NNN" + integer(-1) + integer(-1) + integer(0) + b"tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0) + b"\x85" + string(b"b")
+             + b"\x87R" + b"(" + integer(1) + integer(rows.shape[0]) + integer(rows.shape[1]) + b"\x86" + dtype
+             + b"\x89" + string(rows.tobytes()) + b"tb")  # __setstate__((1, shape, dtype, False, raw bytes))
+    batch = (b"\x80\x02}(" + string(b"batch_label") + string(b"training batch 1 of 5") + string(b"data") + array
+             + string(b"labels") + b"](" + b"".join(integer(y) for y in labels) + b"e" + b"u.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(batch)
 
 
 def test_cifar10(tmp_path: Path) -> None:
@@ -308,6 +334,85 @@ def test_cifar100(tmp_path: Path) -> None:
     check_pixels(train, pixels(4, seed=3))
     assert train.classes == names and [r.label for r in train.records] == [99, 0, 5, 5]
     assert [r.key for r in read_layout("cifar100", tmp_path, "test").records] == ["test/00000000", "test/00000001"]
+
+
+def cifar10_meta(root: Path) -> None:
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+
+
+@pytest.mark.parametrize("written_by", ["python2", 2, 3, 4, 5])
+def test_cifar_batches_as_python_and_numpy_write_them(tmp_path: Path, written_by: str | int) -> None:
+    """The restricted unpickler reads the original (Python 2) batches and those modern Python/numpy
+    write at any protocol: their numpy arrays (_reconstruct, _frombuffer) and bytes (_codecs)."""
+    cifar10_meta(tmp_path)
+    data = pixels(3, seed=6)
+    if written_by == "python2":
+        python2_cifar_batch(tmp_path / "test_batch", data, [4, 0, 9])
+    else:
+        cifar_batch(tmp_path / "test_batch", data, protocol=written_by, labels=[4, 0, 9])
+    listing = read_layout("cifar10", tmp_path, "test")
+    check_pixels(listing, data)
+    assert [r.label for r in listing.records] == [4, 0, 9]
+
+
+def test_cifar_unpickler_rebuilds_numpy_values(tmp_path: Path) -> None:
+    from disttrain.data.layouts.arrays import _unpickle
+
+    value = {b"data": np.arange(12, dtype=np.int16).reshape(3, 4).T, b"mean": np.float32(0.5), b"n": np.int64(7),
+             b"nested": [(1, 2.5, b"x", "y", None, True)]}
+    for protocol in (2, 4, 5):
+        (tmp_path / "batch").write_bytes(pickle.dumps(value, protocol=protocol))
+        got = _unpickle(tmp_path / "batch")
+        assert np.array_equal(got[b"data"], value[b"data"]) and got[b"data"].dtype == np.int16
+        assert got[b"mean"] == np.float32(0.5) and got[b"n"] == 7 and got[b"nested"] == value[b"nested"]
+    (tmp_path / "batch").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(DataError, match="holds a list, not a dict"):
+        _unpickle(tmp_path / "batch")
+    (tmp_path / "batch").write_bytes(pickle.dumps({b"data": np.zeros(2)}, protocol=2)[:-9])
+    with pytest.raises(DataError, match="cannot read .*batch as a CIFAR python batch"):
+        _unpickle(tmp_path / "batch")
+
+
+class Payload:
+    """Unpickling calls `call(*args)`: what a crafted pickle does."""
+
+    def __init__(self, call: object, *args: object):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+PAYLOADS = {  # each would create `target`; the global it names when pickled (at protocol 2, as Python 2 would)
+    "os.system": (lambda target: Payload(os.system, f"touch {target}"), r"posix\.system|os\.system"),
+    "open": (lambda target: Payload(open, str(target), "w"), r"io\.open|builtins\.open"),
+    "subprocess.Popen": (lambda target: Payload(subprocess.Popen, ["touch", str(target)]),
+                         r"subprocess\.Popen|commands\.Popen"),  # protocol 2 writes Python 2's name
+    # the one global admitted through a wrapper: _codecs.encode, for latin1 only
+    "_codecs.encode, not latin1": (lambda target: Payload(codecs.encode, "x", "rot13"), None),
+}
+
+
+@pytest.mark.parametrize("file", ["test_batch", "batches.meta"])
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path: Path, payload: str, file: str) -> None:
+    """A batch or meta file whose unpickling would call os.system / open / Popen: a DataError naming
+    the file and the global, raised before the call (the file the payload would create is absent)."""
+    make, global_name = PAYLOADS[payload]
+    target = tmp_path / "pwned"
+    cifar10_meta(tmp_path)
+    cifar_batch(tmp_path / "test_batch", pixels(2, seed=7), labels=[1, 2])
+    (tmp_path / file).write_bytes(pickle.dumps({b"label_names": [b"c"] * 10, b"data": make(target),
+                                                b"labels": [1, 2]}, protocol=2))
+    with pytest.raises(DataError) as err:
+        read_layout("cifar10", tmp_path, "test")
+    assert str(tmp_path / file) in str(err.value)
+    if global_name:
+        assert "refusing to unpickle" in str(err.value)
+        assert re.search(f"loads the global ({global_name})", str(err.value)), str(err.value)
+    else:
+        assert "only latin1" in str(err.value)
+    assert not target.exists()
 
 
 def test_svhn(tmp_path: Path) -> None:

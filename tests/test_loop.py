@@ -14,11 +14,25 @@ from disttrain.runtime import NonFiniteLossError, TrainLoop, start_run
 from disttrain.runtime.checkpoint import complete_checkpoints
 
 
+_OPEN_RUNS = []
+
+
+@pytest.fixture(autouse=True)
+def close_runs():
+    """In-process runs end with their test: a run left open keeps its watchdog, which would end this
+    process once its stall timeout passed without progress."""
+    yield
+    while _OPEN_RUNS:
+        _OPEN_RUNS.pop()._close()
+
+
 def make_run(tmp_path, *overrides):
     cfg = config.build(TrainClassifierConfig, "debug", {
         "run_dir": str(tmp_path / "run"), "data.root": str(tmp_path), "tracking.enabled": "false",
         "batch.global_size": "8", "batch.micro_size": "4", **dict(o.split("=", 1) for o in overrides)})
-    return start_run(cfg)
+    run = start_run(cfg)
+    _OPEN_RUNS.append(run)
+    return run
 
 
 def data(epoch, skip):
@@ -105,3 +119,50 @@ def test_accumulation_keeps_the_global_batch(tmp_path):
     _, loop, _ = fit(run)
     assert loop.state.step == 4 and loop.state.batch_in_epoch == 0 and loop.state.epoch == 1
     assert loop.state.samples == 32
+
+
+def test_own_states_round_trip_without_pickle(tmp_path):
+    from disttrain.runtime.statefile import load_state, save_state
+
+    state = {"state": {0: {"momentum_buffer": torch.arange(3.0), "step": torch.tensor(4.0)}},
+             "param_groups": [{"lr": 0.1, "params": [0, 1], "betas": (0.9, 0.999), "nan": math.nan}],
+             "counters": {"step": 7, "done": False, "name": None}}
+    save_state(tmp_path / "opt", state)
+    back = load_state(tmp_path / "opt")
+    assert torch.equal(back["state"][0]["momentum_buffer"], torch.arange(3.0))
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999) and math.isnan(back["param_groups"][0]["nan"])
+    assert back["counters"] == state["counters"] and list(back["state"]) == [0]
+    with pytest.raises(TypeError, match="without pickling"):
+        save_state(tmp_path / "bad", {"fn": print})
+
+
+def test_a_planted_pickle_is_never_unpickled_even_with_a_forged_checksum(tmp_path):
+    """The checkpoint's own listing is forged to include a planted custom_checkpoint_0.pkl: accelerate
+    refuses to load custom states nobody registered, and nothing of ours reads pickles."""
+    import json
+    import pickle
+
+    from disttrain import files
+    from disttrain.runtime.checkpoint import META, _sha256
+
+    run = make_run(tmp_path, "checkpoint.every_steps=2")
+    fit(run, steps=2)
+    ckpt = complete_checkpoints(run.run_dir / "checkpoints")[-1]
+    run.finish({}, step=2)
+    marker = tmp_path / "pwned"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    planted = ckpt / "custom_checkpoint_0.pkl"
+    planted.write_bytes(pickle.dumps(Planted()))
+    meta = json.loads((ckpt / META).read_text())
+    meta["files"][planted.name] = {"size": planted.stat().st_size, "sha256": _sha256(planted)}
+    files.write_json(ckpt / META, meta)
+
+    resumed = make_run(tmp_path, "checkpoint.every_steps=2")
+    assert resumed.resume_from == ckpt  # the forged listing verifies...
+    with pytest.raises(ValueError, match="custom_checkpoint_0.pkl, which disttrain never writes"):
+        fit(resumed, steps=4)  # ...but the pickle is refused, not run
+    assert not marker.exists()

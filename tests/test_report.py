@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from disttrain.methods.cmg import STAGE2_LOSSES
 from disttrain.methods.outlier_exposure import OBJECTIVES
-from disttrain.ood.paper_tables import seed_stat
+from disttrain.ood import scorers as scorer_registry
+from disttrain.ood.paper_tables import density_grid, density_values, seed_stat
 from tests.conftest import REPO, recipe_command, recipe_env
 
 OODS = ("holdout", "far_ood")
@@ -57,7 +59,8 @@ def fake_evaluation(root: Path, name: str, model: Path, accuracy: float, metrics
     write_json(run_dir / "results.json", rows)
     rng = np.random.default_rng(0)
     scorers = dict.fromkeys(scorer for scorer, _ in metrics)
-    np.savez(run_dir / "scores.npz", **{f"{scorer}/{name}": -rng.uniform(0.3, 1.0, 40)
+    # as stored: msp keeps log(1 - max softmax); the same numbers stand in for the other scorers
+    np.savez(run_dir / "scores.npz", **{f"{scorer}/{name}": np.log1p(-rng.uniform(0.3, 1.0, 40))
                                         for scorer in scorers for name in ("test", *OODS)})
     return run_dir
 
@@ -195,3 +198,24 @@ def test_seed_stat_and_method_names():
     spec.loader.exec_module(recipe)
     # every finetune_oe and finetune_head method has its paper name
     assert list(recipe.METHOD_LABELS) == [*OBJECTIVES, *STAGE2_LOSSES]
+
+
+def test_density_grid_shows_msp_confidence_from_stored_scores(tmp_path):
+    """MSP stores log(1 - max softmax); the grid shows the max softmax prob. on [0, 1], also for
+    saturated inputs (confidence 1 - 1e-22 plots as 1.0), and any other scorer its raw score."""
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [30.0, 0.0, 0.0], [50.0, 0.0, 0.0]])
+    stored = scorer_registry.get("msp").score(scorer_registry.Features(logits=logits)).numpy()
+    rows = {"Standard": {"test": stored, "far_ood": stored[:2]}, "OE": {"test": stored[2:]}}
+    values, (lo, hi), label = density_values(rows, "msp")
+    assert (lo, hi) == (0.0, 1.0) and label == "confidence (max softmax prob.)"
+    confidence = values["Standard"]["test"]
+    np.testing.assert_allclose(confidence, torch.softmax(logits.double(), 1).amax(1).numpy(), rtol=1e-12)
+    assert all(((0 <= v) & (v <= 1)).all() for by_set in values.values() for v in by_set.values())
+    assert confidence[3] == 1.0 and stored[3] < stored[2] < -20  # the stored scores keep them apart
+
+    energy = {"Standard": {"test": np.array([-3.0, -1.0]), "far_ood": np.array([0.5])}}
+    raw, (lo, hi), label = density_values(energy, "energy")
+    assert raw is energy and (lo, hi) == (-3.0, 0.5) and label == "energy score (higher = more OOD)"
+    for scorer in ("msp", "energy"):
+        path = density_grid(rows if scorer == "msp" else energy, scorer, tmp_path / f"{scorer}.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,9 +1,11 @@
 """OOD scorers: every registered scorer end to end on a tiny timm model, each against its defining
-formula (independent numpy computations), higher = more OOD, errors, and input preprocessing."""
+formula (independent numpy computations), softmax scores that keep confident inputs ranked,
+higher = more OOD, errors, and input preprocessing."""
 
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 
 import numpy as np
 import pytest
@@ -117,10 +119,16 @@ def _np_lse(z):
     return (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
 
 
+def _np_log_not_max(p):
+    """log(1 - max p) as the log of the other probabilities' sum (no cancellation)."""
+    return np.log(np.sort(p, 1)[:, :-1].sum(1))
+
+
+# MSP and ODIN store log(1 - max softmax), rank-equivalent to the paper's -max softmax (checked below)
 LOGIT_FORMULAS = [
-    ("msp", {}, lambda z: -_np_softmax(z).max(1)),
-    ("odin", {}, lambda z: -_np_softmax(z / 1000).max(1)),
-    ("odin", {"temperature": 2.0}, lambda z: -_np_softmax(z / 2).max(1)),
+    ("msp", {}, lambda z: _np_log_not_max(_np_softmax(z))),
+    ("odin", {}, lambda z: _np_log_not_max(_np_softmax(z / 1000))),
+    ("odin", {"temperature": 2.0}, lambda z: _np_log_not_max(_np_softmax(z / 2))),
     ("energy", {}, lambda z: -_np_lse(z)),
     ("energy", {"temperature": 3.0}, lambda z: -3 * _np_lse(z / 3)),
     ("maxlogit", {}, lambda z: -z.max(1)),
@@ -132,7 +140,7 @@ LOGIT_FORMULAS = [
 def test_logit_scorer_matches_formula(name, hp, formula):
     got = scorers.get(name, **hp).score(Features(logits=LOGITS.double())).numpy()
     np.testing.assert_allclose(got, formula(LOGITS.double().numpy()), rtol=1e-12, atol=1e-15)
-    # float32 features (what the extractor gives) are scored in float32, returned as float64
+    # float32 features (what the extractor gives) are returned as float64 (energy, maxlogit: computed in float32)
     got32 = scorers.get(name, **hp).score(Features(logits=LOGITS))
     assert got32.dtype == torch.float64
     np.testing.assert_allclose(got32.numpy(), formula(LOGITS.double().numpy()), rtol=1e-6, atol=1e-6)
@@ -141,14 +149,35 @@ def test_logit_scorer_matches_formula(name, hp, formula):
 def test_logit_scorers_hand_values():
     e2 = math.exp(2)
     f = Features(logits=LOGITS[:2].double())
-    np.testing.assert_allclose(scorers.get("msp").score(f), [-e2 / (e2 + 2), -1 / 3], rtol=1e-12)
+    msp = scorers.get("msp").score(f)
+    np.testing.assert_allclose(msp, [math.log(2 / (e2 + 2)), math.log(2 / 3)], rtol=1e-12)
+    # the paper's quantities from the stored ones
+    np.testing.assert_allclose(scorers.MSP.confidence(msp), [e2 / (e2 + 2), 1 / 3], rtol=1e-12)
+    np.testing.assert_allclose(scorers.MSP.paper_score(msp.numpy()), [-e2 / (e2 + 2), -1 / 3], rtol=1e-12)
     np.testing.assert_allclose(scorers.get("energy").score(f), [-math.log(e2 + 2), -(1 + math.log(3))], rtol=1e-12)
     np.testing.assert_allclose(scorers.get("maxlogit").score(f), [-2, -1])
     p = np.array([e2, 1, 1]) / (e2 + 2)
     np.testing.assert_allclose(scorers.get("entropy").score(f), [-(p * np.log(p)).sum(), math.log(3)], rtol=1e-12)
-    # ODIN at T=1000: max softmax of logits/1000 -> [-e^.002/(e^.002+2), -1/3]
+    # ODIN at T=1000: max softmax of logits/1000 is [e^.002/(e^.002+2), 1/3]; stored: log(1 - that)
     e = math.exp(0.002)
-    np.testing.assert_allclose(scorers.get("odin").score(f), [-e / (e + 2), -1 / 3], rtol=1e-12)
+    odin = scorers.get("odin").score(f)
+    np.testing.assert_allclose(odin, [math.log(2 / (e + 2)), math.log(2 / 3)], rtol=1e-12)
+    np.testing.assert_allclose(scorers.ODIN.paper_score(odin), [-e / (e + 2), -1 / 3], rtol=1e-12)
+    # CMG's ood_class: log of the last output's softmax probability
+    ood = scorers.get("ood_class").score(f)
+    np.testing.assert_allclose(ood, [-math.log(e2 + 2), -math.log(3)], rtol=1e-12)
+    np.testing.assert_allclose(scorers.OODClass.paper_score(ood), [1 / (e2 + 2), 1 / 3], rtol=1e-12)
+    energy = scorers.get("energy").score(f)
+    assert scorers.Energy.paper_score(energy) is energy  # stored as the paper writes it
+
+
+def test_paper_score_is_rank_equivalent_for_every_scorer():
+    """The stored score and `paper_score` of it rank alike (the metrics are the paper's)."""
+    stored = torch.linspace(-60.0, -1e-3, 101, dtype=torch.float64)
+    for name in scorers.names():
+        paper = scorers.SCORERS[name].paper_score(stored)
+        assert paper.dtype == torch.float64 and (paper.diff() >= 0).all(), name
+        np.testing.assert_allclose(scorers.SCORERS[name].paper_score(stored.numpy()), paper.numpy(), rtol=1e-15)
 
 
 def test_kl_matching_matches_direct_computation():
@@ -168,6 +197,116 @@ def test_kl_matching_matches_direct_computation():
     kl = np.array([[(pi * np.log(pi / d)).sum() for d in templates] for pi in p])
     np.testing.assert_allclose(got, kl.min(1), rtol=1e-10)
     assert (got >= -1e-12).all()
+
+
+# ----------------------------------------------------------------------------- 2b. confident inputs stay ranked
+
+GAPS = torch.arange(20.0, 50.25, 0.25)  # max logit minus the runner-up; a float32 softmax is 1.0 from ~17 on
+
+
+def _confident_logits(gaps: torch.Tensor, num_classes: int = 10, scale: float = 1.0) -> torch.Tensor:
+    """Row i: class 0 leads by gaps[i], the others trail it by gaps[i] + 0..2; float32, as the extractor
+    gives. `scale` multiplies every logit (ODIN divides them by its temperature)."""
+    z = torch.zeros(len(gaps), num_classes, dtype=torch.float64)
+    z[:, 0] = 7.0
+    z[:, 1:] = 7.0 - gaps[:, None] - torch.linspace(0, 2, num_classes - 1, dtype=torch.float64)
+    return (z * scale).float()
+
+
+def _with_trailing_extra_output(logits: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+    """An (N+1)-th output (CMG-softmax's OOD class) trailing the leading ID class by gaps + 1."""
+    return torch.cat([logits, logits.amax(1, keepdim=True) - gaps[:, None] - 1.0], 1)
+
+
+def _decimal_log_softmax(row: list[float], temperature: float = 1.0) -> list[Decimal]:
+    """Reference log softmax of one row of logits / temperature, in 60-digit decimal arithmetic."""
+    with localcontext() as ctx:
+        ctx.prec = 60
+        z = [Decimal(v) / Decimal(temperature) for v in row]
+        top = max(z)
+        norm = sum((v - top).exp() for v in z).ln()
+        return [v - top - norm for v in z]
+
+
+def _decimal_log_not_max(logp: list[Decimal]) -> Decimal:
+    with localcontext() as ctx:
+        ctx.prec = 60
+        top = logp.index(max(logp))
+        return sum(v.exp() for i, v in enumerate(logp) if i != top).ln()
+
+
+def _decimal_entropy(logp: list[Decimal]) -> Decimal:
+    with localcontext() as ctx:
+        ctx.prec = 60
+        return -sum(v.exp() * v for v in logp)
+
+
+# (scorer, hyper-parameters, logits, reference of one row's score, +1 / -1: the scores rise / fall with the gap)
+SATURATED = [
+    ("msp", {}, _confident_logits(GAPS), lambda z: _decimal_log_not_max(_decimal_log_softmax(z)), -1),
+    ("odin", {"temperature": 1.0}, _confident_logits(GAPS),
+     lambda z: _decimal_log_not_max(_decimal_log_softmax(z)), -1),
+    ("odin", {}, _confident_logits(GAPS, scale=1000.0),
+     lambda z: _decimal_log_not_max(_decimal_log_softmax(z, 1000.0)), -1),
+    ("entropy", {}, _confident_logits(GAPS), lambda z: _decimal_entropy(_decimal_log_softmax(z)), -1),
+    # CMG-softmax, a confident ID input: the OOD output trails the ID class
+    ("ood_class", {}, _with_trailing_extra_output(_confident_logits(GAPS), GAPS), lambda z: _decimal_log_softmax(z)[-1],
+     -1),
+    # ... an OOD input: the OOD output leads by the gap; its probability rounds to 1.0, its log does not
+    ("ood_class", {}, _confident_logits(GAPS)[:, [*range(1, 10), 0]], lambda z: _decimal_log_softmax(z)[-1], 1),
+]
+
+
+@pytest.mark.parametrize("name, hp, logits, reference, direction", SATURATED,
+                         ids=["msp", "odin-T1", "odin-T1000", "entropy", "ood_class-id", "ood_class-ood"])
+def test_softmax_scores_keep_confident_inputs_ranked(name, hp, logits, reference, direction):
+    """Logit gaps of 20..50 (x T for ODIN): every score distinct, ordered by the gap, and equal to a
+    60-digit reference of the stored statistic computed from the same float32 logits."""
+    got = scorers.get(name, **hp).score(Features(logits=logits))
+    want = [float(reference(row)) for row in logits.double().tolist()]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    wrong = direction * got.diff() <= 0
+    assert not wrong.any(), f"{name}: ties or inversions at gaps {GAPS[1:][wrong].tolist()}"
+
+
+def test_msp_and_odin_never_tie_on_a_finite_gap():
+    gaps = torch.tensor([50.0, 100.0, 700.0, 1000.0, 1e4, 1e5])  # the softmax's runners-up underflow from ~745
+    for name, hp in [("msp", {}), ("odin", {"temperature": 2.0})]:
+        got = scorers.get(name, **hp).score(Features(logits=_confident_logits(gaps)))
+        assert torch.isfinite(got).all() and (got.diff() < 0).all(), name
+
+
+def _decimal_kl_matching(row: list[float], log_templates: torch.Tensor) -> Decimal:
+    """min_k KL(p || d_k) in 60 digits, with the scorer's fitted (float64) log templates taken as exact."""
+    logp = _decimal_log_softmax(row)
+    with localcontext() as ctx:
+        ctx.prec = 60
+        return min(sum(v.exp() * (v - Decimal(t)) for v, t in zip(logp, template))
+                   for template in log_templates.tolist())
+
+
+def _kl_fit(lead: float, num_classes: int = 10) -> list[Features]:
+    """ID fit logits whose predicted class leads by about `lead` (sets how peaked the templates are)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, num_classes, generator=g)
+    z[torch.arange(200), torch.arange(200) % num_classes] += lead
+    return [Features(logits=z[:120]), Features(logits=z[120:])]
+
+
+@pytest.mark.parametrize("lead, max_gap", [(3.0, 40.0), (6.0, 40.0), (40.0, 50.0)])
+def test_kl_matching_keeps_confident_inputs_ranked_while_float64_can(lead, max_gap):
+    """KL of a saturated p is the template term -log d_kc plus ~e^-gap: one float64 holds that sum
+    while e^-gap * gap exceeds ~1e-16 * |log d_kc|. Ordinary templates (-log d_kc ~ 0.6 at lead 3,
+    ~0.1 at lead 6) resolve gaps up to 40 (the first tie at ~41 and ~43); peaked ones (lead 40:
+    -log d_kc ~ 2e-16) all of 20..50. Within that, scores are distinct and in the reference's order
+    (which need not follow the gap: KL is smallest where p matches the template)."""
+    scorer = scorers.get("kl_matching").fit(_kl_fit(lead))
+    logits = _confident_logits(GAPS[GAPS <= max_gap])
+    got = scorer.score(Features(logits=logits)).numpy()
+    want = [_decimal_kl_matching(row, scorer.log_templates) for row in logits.double().tolist()]
+    np.testing.assert_allclose(got, [float(w) for w in want], rtol=1e-14, atol=1e-30)
+    assert len(np.unique(got)) == len(got), f"ties: {len(got) - len(np.unique(got))}"
+    assert np.argsort(got).tolist() == sorted(range(len(want)), key=want.__getitem__)
 
 
 def _np_mahalanobis(x_fit, y_fit, x_test):
@@ -473,6 +612,28 @@ def test_odin_perturbation_increases_max_softmax():
         assert scorer.score(forward(x_pert)).item() < scorer.score(forward(x)).item()
     assert model[1].weight.grad is None  # only the input got a gradient
     assert torch.equal(input_perturbation(forward, x, scorers.get("msp").score, 0.0), x)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1000.0])
+def test_odin_gradient_has_the_papers_sign_also_when_saturated(temperature):
+    """ODIN steps along sign(grad_x score). The paper's step is along sign(grad_x -log S), with
+    grad_x -log S = (1/T) sum_{j != c} p_j (w_j - w_c) for logits W x; our log(1 - S) has a positive
+    multiple of it, so the same sign, also where the softmax saturates (-S's gradient rounds to 0)."""
+    model = _linear_model()
+    w = model[1].weight.detach().double()
+    x = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    x[3:] = model[1].weight[:3].detach().view(3, 3, 2, 2) * 6 * temperature  # confident: class 0, 1, 2
+    logits = model(x).detach().double() / temperature
+    top = logits.argmax(1)
+    gaps = logits.amax(1) - logits.scatter(1, top[:, None], -math.inf).amax(1)
+    assert (gaps[3:] > 20).all() and (gaps[:3] < 5).all()
+    p = torch.softmax(logits, 1).scatter(1, top[:, None], 0.0)  # p_j, j != c: exact also when saturated
+    paper = torch.einsum("nj,njd->nd", p, w[None] - w[top][:, None]) / temperature
+
+    xg = x.clone().requires_grad_(True)
+    score = scorers.get("odin", temperature=temperature).score(Features(logits=model(xg)))
+    (ours,) = torch.autograd.grad(score.sum(), xg)
+    assert torch.equal(ours.flatten(1).sign(), paper.sign().float())
 
 
 def test_mahalanobis_perturbation_decreases_distance():

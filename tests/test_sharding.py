@@ -7,6 +7,7 @@ import json
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -66,6 +67,76 @@ def test_round_trip_keeps_every_sample_and_its_bytes(image_folder, tmp_path, cap
     # shuffled across shards, deterministically
     keys = [k for k, *_ in got.values()]
     assert members(tmp_path / "split") == got and keys != sorted(keys)
+
+
+def shard_classes(split_dir):
+    """The classes of each shard, in member order."""
+    return [[int(files[name]) for name in sorted(files) if name.endswith(".cls")]
+            for files in (shard_files(split_dir / e["name"])
+                          for e in json.loads((split_dir / "manifest.json").read_text())["shards"])]
+
+
+def shard_files(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_build_shuffles_by_default_and_keep_order_keeps_the_source_order(image_folder, tmp_path, capsys):
+    """Real datasets arrive sorted by class: shards are written shuffled unless told otherwise."""
+    build("imagefolder", image_folder, tmp_path / "mixed", "--samples-per-shard", 8)
+    build("imagefolder", image_folder, tmp_path / "kept", "--samples-per-shard", 8, "--keep-order")
+    mixed, kept = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("mixed", "kept"))
+    assert mixed["options"]["shuffle_seed"] == 0 and kept["options"]["shuffle_seed"] is None
+    assert [s["class_counts"] for s in kept["shards"]] == [[8, 0, 0], [0, 8, 0], [0, 0, 7]]
+    assert all(sum(1 for n in s["class_counts"] if n) >= 2 for s in mixed["shards"])  # every shard class-mixed
+    assert [sorted(c) for c in shard_classes(tmp_path / "kept")] == [[0] * 8, [1] * 8, [2] * 7]
+    assert all(len(set(c)) >= 2 for c in shard_classes(tmp_path / "mixed"))
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "mixed").glob("0*")}
+    build("imagefolder", image_folder, tmp_path / "mixed", "--samples-per-shard", 8)  # the same conversion: done
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "mixed").glob("0*")} == written
+    build("imagefolder", image_folder, tmp_path / "seed5", "--samples-per-shard", 8, "--shuffle-seed", 5)
+    assert shard_classes(tmp_path / "seed5") != shard_classes(tmp_path / "mixed")
+    with pytest.raises(SystemExit):  # another seed is another conversion
+        build("imagefolder", image_folder, tmp_path / "mixed", "--samples-per-shard", 8, "--shuffle-seed", 5)
+    assert "holds shards of a different conversion" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build("imagefolder", image_folder, tmp_path / "x", "--keep-order", "--shuffle-seed", 5)
+
+
+def test_shards_carry_their_sample_index_and_older_splits_get_one(image_folder, tmp_path, capsys):
+    from disttrain.data.tarindex import index_name, scan_shard
+
+    build("imagefolder", image_folder, tmp_path / "s", "--samples-per-shard", 10)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        path = tmp_path / "s" / entry["name"]
+        assert entry["index"] == index_name(entry["name"]) and entry["size"] == path.stat().st_size
+        index = np.load(tmp_path / "s" / entry["index"], allow_pickle=False)
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        assert index["offset"][:-1].tolist() == [m.offset for m in members][::3]  # where each sample starts
+        assert index["label"][:-1].tolist() == [int(tar_member(path, m)) for m in members if m.name.endswith("cls")]
+    # an older split: no indexes, no sizes -- `disttrain shards index` writes them
+    for entry in manifest["shards"]:
+        (tmp_path / "s" / entry.pop("index")).unlink()
+        del entry["size"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    ShardSplit.open(tmp_path / "s").index
+    assert "read the tar headers of 3 of 3 shards" in capsys.readouterr().err
+    cli.main(["shards", "index", str(tmp_path / "s")])
+    assert "3 sample indexes written" in capsys.readouterr().out
+    assert verify_split(tmp_path / "s")["problems"] == []
+    ShardSplit.open(tmp_path / "s").index
+    assert "read the tar headers" not in capsys.readouterr().err
+    shutil.copy(tmp_path / "s" / "000000.idx.npy", tmp_path / "s" / "000001.idx.npy")  # a stale index
+    assert verify_split(tmp_path / "s")["problems"] == [
+        "000001.tar: its sample index 000001.idx.npy does not match the shard's headers"]
+    assert scan_shard(tmp_path / "s" / "000001.tar").num_samples == 10
+
+
+def tar_member(path, member):
+    with tarfile.open(path) as tar:
+        return tar.extractfile(member).read()
 
 
 def test_interrupted_run_then_rerun_gives_the_same_shards(image_folder, tmp_path, monkeypatch):
@@ -201,7 +272,7 @@ def test_webvision_outlier_pool_without_dogs_streams_per_rank(tmp_path, capsys):
     excluded = {e["id"]: e for e in pool.manifest["filter"]["excluded"]}
     assert set(excluded) == {"n02085620", "n02099601", "n03218198"}
     streams = [OutlierStream(pool, lambda img: torch.tensor(img.getpixel((0, 0))), batch_size=4,
-                             batches_per_epoch=5, rank=r, world_size=2, num_workers=1, seed=0, shuffle_buffer=4)
+                             batches_per_epoch=5, rank=r, world_size=2, num_workers=1, seed=0)
                for r in range(2)]
     assert [sum(1 for _ in s.loader(0)) for s in streams] == [5, 5]
     with pytest.raises(SystemExit):  # an unknown wnid is an error, not silently ignored

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 
 import pytest
 import torch
 
 from disttrain.data.shards import DataError, ShardSplit, ShardSplitWriter
-from disttrain.data.stream import OutlierStream, ShardReader
+from disttrain.data.stream import PROBLEMS, OutlierStream, ShardReader
 from disttrain.data.sources import open_source
 
 
@@ -34,8 +35,7 @@ def split(tmp_path_factory) -> ShardSplit:
 
 
 def reader(split, rank=0, world=1, workers=0, batch=3) -> ShardReader:
-    return ShardReader(split, to_tensor, batch_size=batch, rank=rank, world_size=world, num_workers=workers, seed=7,
-                       shuffle_buffer=8)
+    return ShardReader(split, to_tensor, batch_size=batch, rank=rank, world_size=world, num_workers=workers, seed=7)
 
 
 def labels(loader, limit=None):
@@ -88,7 +88,7 @@ def test_an_epoch_smaller_than_one_global_batch_is_a_clear_error(split):
 
 def outliers(split, rank=0, world=2, workers=2, batches=7) -> OutlierStream:
     return OutlierStream(split, to_tensor, batch_size=4, batches_per_epoch=batches, rank=rank, world_size=world,
-                         num_workers=workers, seed=3, shuffle_buffer=6)
+                         num_workers=workers, seed=3)
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
@@ -110,23 +110,45 @@ def test_damaged_members_and_truncated_shards_are_skipped_counted_and_replaced(s
     damaged = tmp_path / "damaged"
     shutil.copytree(split.root, damaged)
     raw = (damaged / "000003.tar").read_bytes()
-    (damaged / "000003.tar").write_bytes(raw[:2048])  # truncated: 5 samples listed, about 1 readable
+    (damaged / "000003.tar").write_bytes(raw[:2048])  # truncated: 5 samples listed, 1 left (its label only)
     writer = ShardSplitWriter(tmp_path / "bad", samples_per_shard=5, classes=["x"])
     writer.write("bad0", b"not an image", "png", 0, {})
     writer.close()
     shutil.copy(tmp_path / "bad" / "000000.tar", damaged / "000007.tar")  # 5 listed, 1 present, undecodable
     damaged_split = ShardSplit.open(damaged)
+    err = capsys.readouterr().err
+    assert "2 shards differ in size from the manifest" in err and "000003.tar" in err and "000007.tar" in err
     for world, workers in [(1, 0), (2, 2)]:
         readers = [reader(damaged_split, rank, world, workers) for rank in range(world)]
-        for r in readers:
-            batches = labels(r.loader(epoch=0))
-            assert len(batches) == r.batches_per_epoch and all(len(b) == 3 for b in batches)
-        problems = [sum(r.problems()[k] for r in readers) for k in ("corrupt_members", "truncated_shards")]
-        assert problems[0] >= 1 and problems[1] >= 2  # every epoch reads every shard: both are hit
+        assert readers[0].manifest_report == {"listed_samples": 53, "actual_samples": 45, "missing_samples": 8,
+                                              "unlisted_samples": 0}
+        served = []
+        for epoch in range(3):
+            for r in readers:
+                batches = labels(r.loader(epoch=epoch))
+                assert len(batches) == r.batches_per_epoch and all(len(b) == 3 for b in batches)
+                served += [x for b in batches for x in b]
+        problems = {k: sum(r.problems()[k] for r in readers) for k in PROBLEMS}
+        assert problems["served_samples"] == len(served) and problems["unreadable_samples"] == 0
+        assert problems["corrupt_samples"] >= 1  # the undecodable PNG and the sample cut down to its label
+        assert not set(served) & {15, 16, 17, 18, 19, 35, 36, 37, 38, 39}  # cut off, never served
     assert "disttrain: warning: skipped" in capsys.readouterr().err
     (damaged / "000005.tar").unlink()
     with pytest.raises(DataError, match="000005.tar is missing"):
         labels(reader(damaged_split).loader(epoch=0))
+
+
+def test_bytes_cut_after_start_are_unreadable_and_replaced(split, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(split.root, copy)
+    r = reader(ShardSplit.open(copy), world=1, workers=0, batch=5)  # indexed while whole
+    (copy / "000010.tar").write_bytes((copy / "000010.tar").read_bytes()[:3000])  # then cut: 3 samples short
+    batches = labels(r.loader(epoch=0))
+    assert len(batches) == r.batches_per_epoch == 10 and all(len(b) == 5 for b in batches)
+    assert r.problems()["unreadable_samples"] == 3 and r.problems()["served_samples"] == 50
+    assert len({x for b in batches for x in b}) == 50
 
 
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1), (4, 2)])
@@ -148,3 +170,41 @@ def test_missing_shard_is_named(split, tmp_path):
     (copy / "000004.tar").unlink()
     with pytest.raises(DataError, match="000004.tar"):
         ShardSplit.open(copy)
+
+
+def test_indexes_are_found_next_to_shards_moved_into_folders(tmp_path, capsys):
+    """recipes/synthesize.py writes each rank's shards into rank-NNN/ and renames the entries."""
+    from PIL import Image
+
+    from disttrain.data.shards import make_sample, write_manifest, write_shard
+
+    entries = []
+    for rank in range(2):
+        (tmp_path / f"rank-{rank:03d}").mkdir()
+        buf = io.BytesIO()
+        Image.new("RGB", (2, 2)).save(buf, format="PNG")
+        samples = [make_sample(f"r{rank}-{i}", buf.getvalue(), "png", -1, {}) for i in range(6)]
+        entry = write_shard(tmp_path / f"rank-{rank:03d}", 0, samples)
+        entries.append({**entry, "name": f"rank-{rank:03d}/{entry['name']}"})
+    write_manifest(tmp_path, [], entries, [])
+    split = ShardSplit.open(tmp_path)
+    assert split.index.num_samples == 12 and "read the tar headers" not in capsys.readouterr().err
+    stream = OutlierStream(split, lambda img: torch.zeros(1), batch_size=4, batches_per_epoch=3, rank=0, world_size=1,
+                           num_workers=0, seed=0)
+    assert [len(b[1]) for b in stream.loader(0)] == [4, 4, 4]
+
+
+def test_labels_outside_the_classes_are_counted_not_served(tmp_path):
+    """A label the split has no class for would fail the loss mid-run: it is a damaged sample."""
+    from PIL import Image
+
+    from disttrain.data.shards import make_sample, write_manifest, write_shard
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="PNG")
+    samples = [make_sample(f"k{i}", buf.getvalue(), "png", 7 if i == 2 else i % 2, {}) for i in range(6)]
+    write_manifest(tmp_path, ["a", "b"], [write_shard(tmp_path, 0, samples)], [3, 2])
+    r = ShardReader(ShardSplit.open(tmp_path), lambda img: torch.zeros(1), batch_size=5, rank=0, world_size=1,
+                    num_workers=0, seed=0)
+    served = [x for b in r.loader(0) for x in b[1].tolist()]
+    assert len(served) == 5 and set(served) <= {0, 1} and r.problems()["corrupt_samples"] == 1

@@ -103,7 +103,7 @@ def test_train_classifier_preempted_requeued_and_resumed(slurm_cluster, demo_roo
 
     # first run: the batch shell forwarded the signal, the trainer saved and stopped
     assert "caught SIGUSR1" in text, text
-    stopped = re.search(r"stopped by signal (\d+) at step (\d+); checkpoint ([^;\s]+)", text)
+    stopped = re.search(r"stopped by signal (SIG\w+) at step (\d+); checkpoint ([^;\s]+)", text)
     assert stopped, text
     stop_step = int(stopped.group(2))
     assert 0 < stop_step < max_steps

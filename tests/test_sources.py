@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 
 import numpy as np
@@ -91,3 +92,60 @@ def test_pixel_space_interpolations_mix_id_image_i_with_ood_image_i_mod_n(demo_r
         assert torch.allclose(got[i], 0.7 * id_images[i] + 0.3 * ood_images[i % 7])
     with pytest.raises(DataError, match="outside"):
         interpolated_source(id_set, ood_set, 1.5)
+
+
+def test_damaged_images_are_skipped_counted_and_do_not_stop_an_evaluation(tmp_path, capfd):
+    """Found by a user: one unreadable image in an evaluation set ended a training run."""
+    from PIL import Image
+
+    from disttrain.data.shards import ShardSplitWriter
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(9):
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "0.png").write_bytes(b"\x89PNG garbage")  # the first image: open_source must not test-read it
+    (folder / "9.jpg").symlink_to(tmp_path / "gone.jpg")  # listed, but its bytes cannot be read
+    writer = ShardSplitWriter(tmp_path / "split", samples_per_shard=4, classes=["a"])
+    for i in range(9):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(buf, format="PNG")
+        writer.write(f"k{i}", b"not an image" if i == 3 else buf.getvalue(), "png", 0, {})
+    writer.close()
+
+    for spec, size, damaged, counts in [(folder, 10, {0, 9}, {"corrupt_samples": 1, "unreadable_samples": 1}),
+                                        (tmp_path / "split", 9, {3}, {"corrupt_samples": 1, "unreadable_samples": 0})]:
+        source = open_source(str(spec), image_size=8)
+        assert source.num_samples == size
+        total = {}
+        for rank in range(2):
+            got = everything_of(source, rank, world=2, workers=2)
+            assert all(i % 2 == rank for i in got)
+            for key, value in source.problems().items():  # the counts of this rank's pass
+                total[key] = total.get(key, 0) + value
+            total.setdefault("indices", []).extend(got)
+        assert sorted(total.pop("indices")) == sorted(set(range(source.num_samples)) - damaged)
+        assert total == {"served_samples": source.num_samples - len(damaged), **counts}
+    assert "disttrain: warning: skipped" in capfd.readouterr().err  # from the loader's worker processes
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        open_source(str(empty), image_size=8)
+
+
+def everything_of(source, rank, world, workers):
+    return [int(i) for _, _, index in source.loader(to_tensor, batch_size=3, rank=rank, world_size=world,
+                                                    num_workers=workers) for i in index]
+
+
+def test_problems_count_the_latest_pass(tmp_path):
+    from PIL import Image
+
+    for i in range(5):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "2.png").write_bytes(b"broken")
+    source = open_source(str(tmp_path), image_size=8)
+    loader = source.loader(to_tensor, batch_size=2, rank=0, world_size=1, num_workers=1)
+    for _ in range(2):  # the same loader twice, as an evaluation every epoch does
+        assert sum(len(b[2]) for b in loader) == 4
+        assert source.problems() == {"served_samples": 4, "corrupt_samples": 1, "unreadable_samples": 0}

@@ -30,11 +30,13 @@ def test_two_process_ddp_keeps_replicas_identical(launch, demo_root, tmp_path):
     assert replicas["checksums"][0] == replicas["checksums"][1]
     # ...while each rank trained on a part of the epoch of its own
     split = ShardSplit.open(demo_root / "train")
-    ranges = [ShardReader(split, None, batch_size=8, rank=r, world_size=2, num_workers=1, seed=0,
-                          shuffle_buffer=1).slot_range(0) for r in range(2)]
-    assert ranges == [(0, 1000), (1000, 2000)]
+    readers = [ShardReader(split, None, batch_size=8, rank=r, world_size=2, num_workers=1, seed=0) for r in range(2)]
+    assert [r.slot_range(0) for r in readers] == [(0, 1000), (1000, 2000)]  # halves of the epoch's permutation
+    shares = [r.rank_positions(0) for r in readers]  # random halves: disjoint, every class in each
+    assert not set(shares[0]) & set(shares[1]) and all(len(set(split.index.labels[s])) == 10 for s in shares)
     logged = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run.json("run.json")["mlflow_run_id"]).data
-    assert logged.metrics["data/corrupt_members"] == 0 and logged.params["data.train.num_samples"] == "2000"
+    assert logged.metrics["data/corrupt_samples"] == 0 and logged.metrics["data/unreadable_samples"] == 0
+    assert logged.metrics["data/served_samples"] >= 8 * 16 and logged.params["data.train.num_samples"] == "2000"
     # the summary a user reads, and the MLflow run behind it
     assert "== train_classifier finished ==" in run.output and "mlflow ui" in run.output
     mlflow_run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(info["mlflow_run_id"])
@@ -54,6 +56,29 @@ def test_deepspeed_zero2_on_cpu_through_the_same_recipe(launch, demo_root):
     assert "ZeRO" in run.output or "zero" in run.output.lower()
     ckpt = next((run.run_dir / "checkpoints").glob("step-*"))
     assert (ckpt / "pytorch_model").is_dir()  # DeepSpeed's own sharded layout, written by save_state
+
+    # DeepSpeed reads its files with torch.load(weights_only=False); here with the weights-only
+    # unpickler: a planted optimizer file (its checksum forged too) is refused, its code never runs
+    import pickle
+
+    from disttrain import files
+    from disttrain.runtime.checkpoint import META, _sha256
+
+    marker = run.run_dir.parent / "pwned"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    victim = next((ckpt / "pytorch_model").glob("zero_pp_rank_0_*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Planted()}, victim, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    meta = json.loads((ckpt / META).read_text())
+    meta["files"][victim.relative_to(ckpt).as_posix()] = {"size": victim.stat().st_size, "sha256": _sha256(victim)}
+    files.write_json(ckpt / META, meta)
+    resumed = launch("train_classifier.py", *debug_args(demo_root, "train.max_steps=6", "runtime.strategy=deepspeed",
+                                                        "runtime.zero_stage=2", "batch.micro_size=4"), nproc=2)
+    assert resumed.returncode != 0 and "Weights only load failed" in resumed.output, resumed.output[-3000:]
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("strategy", [["runtime.strategy=fsdp"], ["runtime.strategy=deepspeed", "runtime.zero_stage=3"]],
@@ -88,3 +113,40 @@ def test_sigterm_then_resume_equals_uninterrupted(launch, demo_root, tmp_path):
         a, b = load_file(straight.run_dir / "model" / name), load_file(run_dir / "model" / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+
+
+def test_an_unreadable_test_image_never_costs_the_training(launch, demo_root, tmp_path):
+    """One undecodable image in the evaluation split is skipped and counted; and the final state is
+    saved before the final evaluation, so an evaluation that fails (here: no damage allowed) loses
+    nothing -- the next run resumes at the last step and only evaluates."""
+    import io
+
+    from disttrain.data.shards import ShardSplitWriter
+    from disttrain.data.sources import open_source
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train").symlink_to(demo_root / "train")
+    test = open_source(str(demo_root / "test"), 32)
+    writer = ShardSplitWriter(root / "test", 40, test.classes)
+    for image, label, index in test.stream(lambda img: img, 0, 1):
+        if index == 80:
+            break
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        writer.write(f"test/{index:04d}", png.getvalue(), "png", label, {})
+    writer.write("test/broken", b"\xff\xd8 not really a jpeg", "jpg", 0, {})
+    writer.close()
+
+    args = ["--preset", "debug", f"data.root={root}", "runtime.log_every=1"]
+    strict = launch("train_classifier.py", *args, "data.max_bad_fraction=0", nproc=1)
+    assert strict.returncode == 2, strict.output[-3000:]
+    assert "1 of the 81 samples read so far are damaged" in strict.output
+    final = strict.run_dir / "checkpoints" / "step-00000006"
+    assert json.loads((final / "meta.json").read_text())["final"]  # saved before the evaluation failed
+
+    again = launch("train_classifier.py", *args, nproc=1)
+    assert again.returncode == 0, again.output[-3000:]
+    assert f"resumed from {final}" in again.output and "step 1/" not in again.output  # no training again
+    summary = again.json("summary.json")
+    assert summary["eval/damaged_samples"] == 1 and summary["step"] == 6

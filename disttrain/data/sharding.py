@@ -1,10 +1,15 @@
-"""Converting a dataset listing into a shard split (`disttrain shards build / verify`).
+"""Converting a dataset listing into a shard split (`disttrain shards build / verify / index`).
 
-The conversion is planned first: records (optionally shuffled with a seed) are packed
-into shards of at most `samples_per_shard` samples and `max_shard_bytes` source bytes.
+The conversion is planned first: records, shuffled with a seed (0 unless told otherwise;
+None keeps the listing's order, which is usually sorted by class), are packed into shards
+of at most `samples_per_shard` samples and `max_shard_bytes` source bytes. Shuffling at
+conversion is not what makes training class-mixed -- the readers draw samples at random
+from the whole split (`disttrain.data.stream`) -- but it keeps every shard a fair sample of
+the split for tools that read a few shards (previews, quick checks, partial copies).
 The plan's fingerprint is kept in the output folder (`.plan.json`); each shard is
-written atomically (temp file, rename) followed by a small `.NNNNNN.tar.json` record of
-its contents, and the manifest comes last. So:
+written atomically (temp file, rename), then its sample index (`NNNNNN.idx.npy`, see
+`disttrain.data.shards`) and a small `.NNNNNN.tar.json` record of its contents, and the
+manifest comes last. So:
 
 - a re-run of the same conversion skips complete shards and writes only what is missing;
 - an interrupted run leaves no shard a reader would accept (no manifest yet, temp files
@@ -38,6 +43,7 @@ from disttrain import files
 from disttrain.data.layouts import Listing, Record
 from disttrain.data.shards import (MANIFEST, DataError, ShardSplit, make_sample, sha256_file, shard_name,
                                    write_manifest, write_shard)
+from disttrain.data.tarindex import ShardIndex, index_name, scan_shard, write_index
 
 PLAN = ".plan.json"
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
@@ -47,7 +53,7 @@ _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
 class ShardingOptions:
     samples_per_shard: int = 1000
     max_shard_bytes: int = 0  # 0: no byte limit
-    shuffle_seed: int | None = None  # None: the listing's order
+    shuffle_seed: int | None = 0  # None: the listing's order (often sorted by class)
     resize: int = 0  # 0: original bytes; N: shorter side to N px, re-encoded as JPEG
     jpeg_quality: int = 95
     workers: int = 1
@@ -146,8 +152,8 @@ def _completed(out: Path, index: int) -> dict[str, Any] | None:
     if not record.is_file():
         return None
     done = json.loads(record.read_text())
-    if done["num_samples"] and not (out / done["name"]).is_file():
-        return None
+    if done["num_samples"] and not all((out / done.get(k, "-")).is_file() for k in ("name", "index")):
+        return None  # the shard or its index is gone (or the record predates sample indexes)
     return done
 
 
@@ -220,7 +226,7 @@ def _finish(listing: Listing, out: Path, options: ShardingOptions, shards: list[
         raise DataError(f"no sample of {listing.layout} {listing.root} could be read ({len(skipped)} skipped, e.g. "
                         f"{skipped[0]['source']}: {skipped[0]['reason']})")
     class_counts = [sum(s["class_counts"][c] for s in shards) for c in range(len(listing.classes))]
-    entries = [{k: s[k] for k in ("name", "num_samples", "sha256")} for s in written]
+    entries = [{k: s[k] for k in ("name", "num_samples", "size", "sha256", "index", "class_counts")} for s in written]
     return write_manifest(
         out, listing.classes, entries, class_counts, class_ids=listing.class_ids,
         source={"layout": listing.layout, "root": listing.root, "split": listing.split},
@@ -236,8 +242,13 @@ def _verify_shard(args: tuple[str, dict[str, Any], int]) -> tuple[list[str], lis
     path, problems, counts = root / entry["name"], [], [0] * num_classes
     if not path.is_file():
         return [f"{entry['name']}: missing"], counts
+    size = path.stat().st_size
+    if "size" in entry and size != entry["size"]:
+        problems.append(f"{entry['name']}: {size} bytes, the manifest says {entry['size']} (the file changed or was "
+                        f"cut short)")
     if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
         problems.append(f"{entry['name']}: sha256 differs from the manifest (the file changed or is damaged)")
+    problems += _index_problems(root, entry, path, size)
     seen = 0
     try:
         for sample in wds.tarfile_to_samples()([{"url": str(path)}]):
@@ -263,6 +274,20 @@ def _verify_shard(args: tuple[str, dict[str, Any], int]) -> tuple[list[str], lis
     return problems, counts
 
 
+def _index_problems(root: Path, entry: dict[str, Any], path: Path, size: int) -> list[str]:
+    """The shard's sample index against its tar headers (read again)."""
+    scanned = scan_shard(path)
+    problems = [f"{entry['name']}: {scanned.damage}"] if scanned.damage else []
+    if "index" not in entry:
+        return problems  # an older split: readers scan its headers (`disttrain shards index` writes indexes)
+    stored = ShardIndex.load(root / entry["index"], size) if (root / entry["index"]).is_file() else None
+    if stored is None:
+        problems.append(f"{entry['name']}: its sample index {entry['index']} is missing or malformed")
+    elif not stored.same_as(scanned):
+        problems.append(f"{entry['name']}: its sample index {entry['index']} does not match the shard's headers")
+    return problems
+
+
 def verify_split(root: str | os.PathLike, workers: int = 1) -> dict[str, Any]:
     """Check every shard of a split: present, checksum, every member decodes, counts as in the manifest."""
     split = ShardSplit.open(root)
@@ -279,3 +304,26 @@ def verify_split(root: str | os.PathLike, workers: int = 1) -> dict[str, Any]:
         problems.append(f"class histogram {counts} differs from the manifest's {expected}")
     return {"root": str(split.root), "num_shards": len(jobs), "num_samples": split.num_samples,
             "problems": problems}
+
+
+# --------------------------------------------------------------------------- indexing an existing split
+
+
+def index_split(root: str | os.PathLike) -> dict[str, Any]:
+    """Write the sample index of every shard that lacks a valid one (older or foreign splits), and
+    record it and the shard's byte size in the manifest, so readers need not scan tar headers."""
+    split = ShardSplit.open(root)
+    manifest, written = split.manifest, 0
+    for entry in manifest["shards"]:
+        path, name = split.root / entry["name"], index_name(entry["name"])
+        size, scanned = path.stat().st_size, scan_shard(path)
+        stored = ShardIndex.load(split.root / name, size) if (split.root / name).is_file() else None
+        if stored is None or not stored.same_as(scanned):
+            write_index(split.root / name, scanned)
+            written += 1
+        if scanned.num_samples != entry["num_samples"]:
+            print(f"{entry['name']}: holds {scanned.num_samples} samples, the manifest lists {entry['num_samples']} "
+                  f"(left as it is: `disttrain shards verify` reports it)")
+        entry.update(index=name, size=size)
+    files.write_json(split.root / MANIFEST, manifest)
+    return {"root": str(split.root), "num_shards": len(manifest["shards"]), "written": written}

@@ -1,9 +1,18 @@
-"""WebDataset shard splits: the on-disk format, an atomic writer, evaluation reading.
+"""WebDataset shard splits: the on-disk format, an atomic writer, the manifest checks, evaluation reading.
 
-A split is a folder of `NNNNNN.tar` shards plus `manifest.json` (samples per shard,
-sha256, class names and counts; the manifest is written last, so a folder without one is
-not a split). Samples are `__key__`, an encoded image (`jpg`/`png`/...), `cls` (class
-index, -1 for unlabelled) and `json` (metadata: source path, class name and id).
+A split is a folder of `NNNNNN.tar` shards plus `manifest.json` (per shard: samples, byte
+size, sha256, class counts and its sample index; class names and counts; the manifest is
+written last, so a folder without one is not a split). Samples are `__key__`, an encoded
+image (`jpg`/`png`/...), `cls` (class index, -1 for unlabelled) and `json` (metadata:
+source path, class name and id).
+
+Readers find each sample through a per-shard sample index, written next to each shard
+(`NNNNNN.idx.npy`) or built from its tar headers: see `disttrain.data.tarindex`.
+
+The manifest is checked, not trusted: a malformed one is a `DataError` naming the file; a
+shard whose byte size differs from the manifest is re-indexed from its headers; the
+readers serve the samples the shards actually hold and report how that differs from the
+manifest (`tarindex.SplitIndex.report`).
 
 Training streams are in `disttrain.data.stream`; converting datasets into splits is
 `disttrain.data.sharding` (`disttrain shards`).
@@ -14,11 +23,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import signal
+import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +40,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from disttrain import files
+from disttrain.data.tarindex import (ShardFiles, SplitIndex, build_index, index_name, parse_sample, scan_shard,
+                                     write_index)
 
 MANIFEST = "manifest.json"
 FORMAT = "disttrain-shards/1"
@@ -35,6 +49,21 @@ FORMAT = "disttrain-shards/1"
 
 class DataError(ValueError):
     """Missing or malformed data, reported before training starts."""
+
+
+class MissingShardError(DataError):
+    """A shard the manifest lists is not on disk (any more)."""
+
+
+def tell(kind: str, message: str) -> None:
+    """One line on stderr, from the first process of a launch only: every rank reads the same
+    split, so the same line from each would say nothing more."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"disttrain: {kind}: {message}", file=sys.stderr, flush=True)
+
+
+def _some(items: list[str], limit: int = 3) -> str:
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # --------------------------------------------------------------------------- writing
@@ -57,7 +86,8 @@ def make_sample(key: str, image_bytes: bytes, ext: str, cls: int, meta: dict[str
 
 
 def write_shard(out_dir: Path, index: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write one shard atomically (temp file, then rename); returns its manifest entry."""
+    """Write one shard and then its sample index, each atomically (temp file, then rename);
+    returns its manifest entry."""
     name = shard_name(index)
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     with tmp.open("wb") as f:
@@ -66,7 +96,14 @@ def write_shard(out_dir: Path, index: int, samples: list[dict[str, Any]]) -> dic
             writer.write(sample)
         writer.close()
     os.replace(tmp, final)
-    return {"name": name, "num_samples": len(samples), "sha256": sha256_file(final)}
+    # The index is read back from the written bytes, so it is exactly what a scan would find.
+    shard_index = scan_shard(final)
+    if shard_index.num_samples != len(samples):
+        raise DataError(f"{final}: wrote {len(samples)} samples but the shard holds {shard_index.num_samples} "
+                        f"(consecutive samples with the same key merge into one: make keys unique)")
+    write_index(out_dir / index_name(name), shard_index)
+    return {"name": name, "num_samples": len(samples), "size": final.stat().st_size, "sha256": sha256_file(final),
+            "index": index_name(name)}
 
 
 def write_manifest(out_dir: Path, classes: list[str], shards: list[dict[str, Any]], class_counts: list[int],
@@ -88,30 +125,132 @@ class ShardSplitWriter:
         self.shards: list[dict[str, Any]] = []
         self.class_counts = [0] * len(classes)
         self._buffer: list[dict[str, Any]] = []
+        self._buffer_counts = [0] * len(classes)
 
     def write(self, key: str, image_bytes: bytes, ext: str, cls: int, meta: dict[str, Any]) -> None:
         self._buffer.append(make_sample(key, image_bytes, ext, cls, meta))
         if cls >= 0:
             self.class_counts[cls] += 1
+            self._buffer_counts[cls] += 1
         if len(self._buffer) == self.samples_per_shard:
             self._flush()
 
     def _flush(self) -> None:
         if self._buffer:
-            self.shards.append(write_shard(self.out_dir, len(self.shards), self._buffer))
-            self._buffer = []
+            entry = write_shard(self.out_dir, len(self.shards), self._buffer)
+            self.shards.append({**entry, "class_counts": self._buffer_counts})
+            self._buffer, self._buffer_counts = [], [0] * len(self.classes)
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         self._flush()
         return write_manifest(self.out_dir, self.classes, self.shards, self.class_counts, **(extra or {}))
 
 
+# --------------------------------------------------------------------------- counting served and damaged samples
+
+
+COUNTERS = ("served_samples", "corrupt_samples", "unreadable_samples")
+_MAX_WARNINGS = 10  # per process; the counters keep counting
+
+
+class DataCounters:
+    """Samples served, and damaged ones skipped: `corrupt` (present, but the image or label does
+    not decode) and `unreadable` (the bytes could not be read). Shared with DataLoader worker
+    processes forked after it was made; warns on stderr about the first few damaged samples of
+    each process, then counts silently."""
+
+    def __init__(self, shared: bool = True) -> None:
+        self._values: Any = (multiprocessing.get_context().Array("q", len(COUNTERS)) if shared
+                             else [0] * len(COUNTERS))
+        self._warned = 0
+
+    def _add(self, slot: int) -> None:
+        if hasattr(self._values, "get_lock"):
+            with self._values.get_lock():
+                self._values[slot] += 1
+        else:
+            self._values[slot] += 1
+
+    def served(self) -> None:
+        self._add(0)
+
+    def damaged(self, kind: str, message: str) -> None:
+        """kind: "corrupt" or "unreadable"."""
+        self._add(COUNTERS.index(f"{kind}_samples"))
+        self.warn(f"skipped {message}")
+
+    def warn(self, message: str) -> None:
+        if self._warned < _MAX_WARNINGS:
+            self._warned += 1
+            print(f"disttrain: warning: {message}", file=sys.stderr, flush=True)
+
+    def snapshot(self) -> dict[str, int]:
+        return {kind: int(self._values[i]) for i, kind in enumerate(COUNTERS)}
+
+    def reset(self) -> None:
+        for i in range(len(COUNTERS)):
+            self._values[i] = 0
+
+
+def read_sample(files_: ShardFiles, index: SplitIndex, position: int, counters: DataCounters
+                ) -> dict[str, Any] | None:
+    """The raw sample at `position`, or None (counted as unreadable) when its bytes cannot be read."""
+    shard = int(index.shards[position])
+    url = str(files_.root / files_.names[shard])
+    try:
+        return parse_sample(files_.read(shard, int(index.starts[position]), int(index.ends[position])), url)
+    except MissingShardError:
+        raise  # not one damaged sample: the split is not what it was when the run started
+    except (DataError, OSError) as err:
+        counters.damaged("unreadable", f"sample {position} of {files_.root}: {err}")
+    return None
+
+
+def decode_sample(sample: dict[str, Any], counters: DataCounters, num_classes: int = 0
+                  ) -> tuple[Image.Image, int] | None:
+    """(RGB image, label) of a raw sample, or None (counted as corrupt) when either does not decode
+    or, with `num_classes`, the label is not -1 or a class index (it would fail the loss later)."""
+    try:
+        label = int(sample["cls"])
+        if num_classes and not -1 <= label < num_classes:
+            raise ValueError(f"class {label} is not one of the split's {num_classes}")
+        return decode_image(sample), label
+    except (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError) as err:
+        counters.damaged("corrupt", f"{sample.get('__key__')} in {sample.get('__url__')}: {err}")
+        return None
+
+
 # --------------------------------------------------------------------------- reading
+
+
+def _manifest_problem(manifest: Any) -> str:
+    """What is wrong with a manifest's structure ("" when nothing is)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    for key in ("shards", "classes"):
+        if not isinstance(manifest.get(key), list):
+            return f"`{key}` is {'missing' if key not in manifest else 'not a list'}"
+    if not all(isinstance(c, str) for c in manifest["classes"]):
+        return "`classes` holds something other than names"
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            return f"shard entry {i} has no `name`"
+        if not number(entry.get("num_samples")):
+            return f"shard entry {i} ({entry['name']}) has no `num_samples` count"
+        if "size" in entry and not number(entry["size"]):
+            return f"shard entry {i} ({entry['name']}) has a `size` that is not a byte count"
+        for key in ("sha256", "index"):
+            if key in entry and not isinstance(entry[key], str):
+                return f"shard entry {i} ({entry['name']}) has a `{key}` that is not a string"
+    return ""
 
 
 @dataclass(frozen=True)
 class ShardSplit:
-    """A split on disk, as its manifest describes it."""
+    """A split on disk, as its manifest describes it (`index`: as its shards hold it)."""
 
     root: Path
     classes: list[str]
@@ -120,13 +259,24 @@ class ShardSplit:
     manifest: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> ShardSplit:
+    def open(cls, root: str | os.PathLike, verify_checksums: bool = False) -> ShardSplit:
+        """Read and check the manifest: its structure, that every shard is there and has the byte
+        size it lists (a mismatch is reported; readers re-index that shard); with
+        `verify_checksums` the sha256 of every shard too (reads all of them)."""
         root = Path(root)
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
             raise DataError(f"{root} is not a shard split: {manifest_path} is missing (a split is a folder of "
                             f"NNNNNN.tar shards with a manifest.json; `disttrain demo-data` writes an example)")
-        manifest = json.loads(manifest_path.read_text())
+        fix = (f"rebuild the split with `disttrain shards build`, or write a valid one (see what else is wrong "
+               f"with `disttrain shards verify {root}`)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{manifest_path} is not valid JSON ({err}): {fix}") from None
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise DataError(f"{manifest_path} is malformed: {problem}; {fix}")
         names = [s["name"] for s in manifest["shards"]]
         missing = [n for n in names if not (root / n).is_file()]
         if missing:
@@ -134,8 +284,34 @@ class ShardSplit:
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         if not names:
             raise DataError(f"{root}: the manifest lists no shards")
-        return cls(root, list(manifest["classes"]), names, [int(s["num_samples"]) for s in manifest["shards"]],
-                   manifest)
+        split = cls(root, list(manifest["classes"]), names, [int(s["num_samples"]) for s in manifest["shards"]],
+                    manifest)
+        split._check_sizes()
+        if verify_checksums:
+            split._check_checksums()
+        return split
+
+    def _check_sizes(self) -> None:
+        changed = [f"{e['name']}: {(self.root / e['name']).stat().st_size} bytes, listed {e['size']}"
+                   for e in self.manifest["shards"] if "size" in e
+                   and (self.root / e["name"]).stat().st_size != e["size"]]
+        if changed:
+            tell("warning", f"{self.root}: {len(changed)} shards differ in size from the manifest, so they "
+                             f"changed or were cut short since it was written ({_some(changed)}); their headers "
+                             f"are read again and what is missing is skipped -- check with `disttrain shards "
+                             f"verify {self.root}`")
+
+    def _check_checksums(self) -> None:
+        entries = self.manifest["shards"]
+        unchecked = [e["name"] for e in entries if not e.get("sha256")]
+        wrong = [e["name"] for e in entries if e.get("sha256") and sha256_file(self.root / e["name"]) != e["sha256"]]
+        if wrong:
+            raise DataError(f"{self.root}: the sha256 of {len(wrong)} shards differs from the manifest "
+                            f"({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}): they changed or are damaged "
+                            f"since the split was written; restore them, or rebuild with `disttrain shards build` "
+                            f"(`disttrain shards verify {self.root}` lists what is damaged)")
+        if unchecked:
+            tell("note", f"{self.root}: the manifest records no sha256 for {len(unchecked)} shards (not checked)")
 
     @property
     def num_samples(self) -> int:
@@ -144,6 +320,18 @@ class ShardSplit:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @cached_property
+    def index(self) -> SplitIndex:
+        """Where every sample is (built once per process, at first use; see `build_index`)."""
+        return build_index(self)
+
+    def shard_class_counts(self) -> list[list[int]] | None:
+        """Per-shard class counts when the manifest records them."""
+        entries = self.manifest["shards"]
+        if not all(isinstance(e.get("class_counts"), list) for e in entries):
+            return None
+        return [list(e["class_counts"]) for e in entries]
 
 
 def seed_of(*parts: Any) -> int:
@@ -165,7 +353,6 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-
 # --------------------------------------------------------------------------- evaluation reading
 
 
@@ -178,23 +365,51 @@ def worker_share(stream: IterableDataset) -> tuple[int, int]:
     return info.id, info.num_workers
 
 
+def my_indices(stream: IterableDataset, count: int, rank: int, world_size: int) -> Iterator[int]:
+    """This rank's sample indices (i % world_size == rank), split further among DataLoader workers."""
+    worker, workers = worker_share(stream)
+    for position, index in enumerate(range(rank, count, world_size)):
+        if position % workers == worker:
+            yield index
+
+
 class ShardEvalStream(IterableDataset):
-    """Every sample of a split exactly once over all ranks: sample i goes to rank i % world_size."""
+    """Every readable sample of a split exactly once over all ranks, in order of position: sample i
+    (as the shards hold them, see `SplitIndex`) goes to rank i % world_size. A sample that cannot
+    be read or decoded is skipped and counted in `counters`; its index is simply absent."""
 
     def __init__(self, split: ShardSplit, transform: Callable[[Image.Image], torch.Tensor], rank: int,
-                 world_size: int):
+                 world_size: int, counters: DataCounters | None = None):
         self.split, self.transform, self.rank, self.world_size = split, transform, rank, world_size
-        self.offsets = [sum(split.shard_sizes[:i]) for i in range(len(split.shard_sizes))]
+        self.index = split.index
+        self.counters = counters if counters is not None else DataCounters(shared=False)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
-        worker, workers = worker_share(self)
-        for shard in range(worker, len(self.split.shard_names), workers):
-            url = str(self.split.root / self.split.shard_names[shard])
-            for pos, sample in enumerate(wds.tarfile_to_samples()([{"url": url}])):
-                index = self.offsets[shard] + pos
-                if index % self.world_size == self.rank:
-                    yield self.transform(decode_image(sample)), int(sample["cls"]), index
+        shard_files = ShardFiles(self.split.root, self.split.shard_names)
+        try:
+            for position in my_indices(self, self.index.num_samples, self.rank, self.world_size):
+                sample = read_sample(shard_files, self.index, position, self.counters)
+                decoded = decode_sample(sample, self.counters, self.split.num_classes) if sample else None
+                if decoded is None:
+                    continue
+                self.counters.served()
+                yield self.transform(decoded[0]), decoded[1], position
+        finally:
+            shard_files.close()
 
     @classmethod
     def for_split(cls, split: ShardSplit) -> Callable[..., ShardEvalStream]:
-        return lambda transform, rank, world_size: cls(split, transform, rank, world_size)
+        return lambda transform, rank, world_size, counters=None: cls(split, transform, rank, world_size, counters)
+
+
+def iter_samples(split: ShardSplit) -> Iterable[dict[str, Any]]:
+    """Every raw sample of a split in position order (for tools; training reads through the streams)."""
+    shard_files = ShardFiles(split.root, split.shard_names)
+    counters = DataCounters(shared=False)
+    try:
+        for position in range(split.index.num_samples):
+            sample = read_sample(shard_files, split.index, position, counters)
+            if sample is not None:
+                yield sample
+    finally:
+        shard_files.close()

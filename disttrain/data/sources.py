@@ -12,14 +12,18 @@
                                           ID_SET (any spec above; use ID *training* data, not the test set)
 
 Every source deals sample i to rank i % world_size, and yields (image, label, i), so the
-gathered results hold each sample exactly once, in order.
+gathered results hold each sample exactly once, in order. An image that cannot be read or
+does not decode is skipped -- its index is simply absent -- counted and reported on stderr
+(a few lines per process, then silently): one damaged file must not end a run at its final
+evaluation. `EvalSource.problems()` gives the counts of the latest pass (see there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,39 +31,55 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from disttrain.data.layouts import LAYOUTS, Record, layout_names, read_layout
-from disttrain.data.shards import (MANIFEST, DataError, ShardEvalStream, ShardSplit, ignore_stop_signals,
-                                   worker_share)
+from disttrain.data.shards import (MANIFEST, DataCounters, DataError, ShardEvalStream, ShardSplit,
+                                   ignore_stop_signals, my_indices)
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
-def _my_indices(stream: IterableDataset, count: int, rank: int, world_size: int) -> Iterator[int]:
-    """This rank's sample indices, split further among DataLoader workers."""
-    worker, workers = worker_share(stream)
-    for position, index in enumerate(range(rank, count, world_size)):
-        if position % workers == worker:
-            yield index
+def load_record(record: Record, counters: DataCounters) -> Image.Image | None:
+    """A record's RGB image, or None (counted) when its file cannot be read or does not decode."""
+    if record.path is None:
+        return Image.fromarray(record.pixels)
+    try:
+        data = Path(record.path).read_bytes()
+    except OSError as err:
+        counters.damaged("unreadable", f"{record.path}: {err}")
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        counters.damaged("corrupt", f"{record.path}: {err}")
+        return None
 
 
 class _RecordStream(IterableDataset):
-    def __init__(self, records: list[Record], transform: Transform, rank: int, world_size: int):
+    def __init__(self, records: list[Record], transform: Transform, rank: int, world_size: int,
+                 counters: DataCounters | None = None):
         self.records, self.transform, self.rank, self.world_size = records, transform, rank, world_size
+        self.counters = counters if counters is not None else DataCounters(shared=False)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
-        for index in _my_indices(self, len(self.records), self.rank, self.world_size):
+        for index in my_indices(self, len(self.records), self.rank, self.world_size):
             record = self.records[index]
-            yield self.transform(record.image()), record.label, index
+            image = load_record(record, self.counters)
+            if image is not None:
+                self.counters.served()
+                yield self.transform(image), record.label, index
 
 
 class _GeneratedStream(IterableDataset):
     """Images made on the fly from their index alone: any rank can make sample i."""
 
     def __init__(self, make: Callable[[int], np.ndarray], count: int, transform: Transform, rank: int,
-                 world_size: int):
+                 world_size: int, counters: DataCounters | None = None):
         self.make, self.count, self.transform, self.rank, self.world_size = make, count, transform, rank, world_size
+        self.counters = counters if counters is not None else DataCounters(shared=False)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
-        for index in _my_indices(self, self.count, self.rank, self.world_size):
+        for index in my_indices(self, self.count, self.rank, self.world_size):
+            self.counters.served()
             yield self.transform(Image.fromarray(self.make(index))), -1, index
 
 
@@ -73,6 +93,9 @@ def _noise(kind: str, size: int) -> Callable[[int], np.ndarray]:
     return make
 
 
+Make = Callable[[Transform, int, int, DataCounters], IterableDataset]
+
+
 @dataclass
 class EvalSource:
     """A named evaluation set; `stream(...)` gives one rank's share."""
@@ -81,16 +104,30 @@ class EvalSource:
     spec: str
     num_samples: int
     classes: list[str]
-    _make: Callable[[Transform, int, int], IterableDataset]
+    _make: Make
+    manifest_report: dict[str, int] = field(default_factory=dict)  # a shard split's (see SplitIndex.report)
+    _counters: DataCounters | None = field(default=None, init=False, repr=False)
 
-    def stream(self, transform: Transform, rank: int, world_size: int) -> IterableDataset:
-        return self._make(transform, rank, world_size)
+    def stream(self, transform: Transform, rank: int, world_size: int,
+               counters: DataCounters | None = None) -> IterableDataset:
+        """One rank's share; damaged samples are counted in `counters` (default: counters of its own)."""
+        return self._make(transform, rank, world_size, counters if counters is not None else DataCounters(False))
 
     def loader(self, transform: Transform, *, batch_size: int, rank: int, world_size: int,
                num_workers: int) -> DataLoader:
-        return DataLoader(self.stream(transform, rank, world_size), batch_size=batch_size, num_workers=num_workers,
-                          drop_last=False, worker_init_fn=ignore_stop_signals,
-                          pin_memory=torch.cuda.is_available())
+        """Each pass over the loader (each `iter`) starts the counts of `problems()` afresh."""
+        if self._counters is None:
+            self._counters = DataCounters()  # made here, in the main process, before workers fork
+        return _PassLoader(self._counters, self.stream(transform, rank, world_size, self._counters),
+                           batch_size=batch_size, num_workers=num_workers, drop_last=False,
+                           worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available())
+
+    def problems(self) -> dict[str, int]:
+        """`served_samples`, `corrupt_samples`, `unreadable_samples` of the latest pass over a
+        `loader` of this source on this rank (all of its workers); counts are reset when a pass
+        starts, so read them after the pass (and sum over ranks for the whole set)."""
+        return (self._counters.snapshot() if self._counters is not None
+                else DataCounters(shared=False).snapshot())
 
     def most_batches(self, batch_size: int, world_size: int, num_workers: int) -> int:
         """An upper bound on the batches any rank's loader yields: each worker batches its own
@@ -102,7 +139,7 @@ class EvalSource:
     def images(self, indices: set[int]) -> dict[int, Image.Image]:
         """The decoded RGB images at `indices` (one pass over the set)."""
         out = {}
-        stream = self.stream(lambda img: img.convert("RGB"), 0, 1)
+        stream = self.stream(lambda img: img.convert("RGB"), 0, 1)  # damaged ones: absent from the result
         stream.whole = True  # read by one loader worker on its own
         for image, _, index in stream:
             if index in indices:
@@ -114,8 +151,20 @@ class EvalSource:
         return {i: np.array(img.resize((size, size))) for i, img in self.images(indices).items()}
 
 
+class _PassLoader(DataLoader):
+    """A DataLoader that resets its source's counters at the start of every pass."""
+
+    def __init__(self, counters: DataCounters, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.counters = counters
+
+    def __iter__(self) -> Any:
+        self.counters.reset()
+        return super().__iter__()
+
+
 def _records_source(name: str, spec: str, records: list[Record], classes: list[str]) -> EvalSource:
-    return EvalSource(name, spec, len(records), classes, lambda t, r, w: _RecordStream(records, t, r, w))
+    return EvalSource(name, spec, len(records), classes, lambda t, r, w, c: _RecordStream(records, t, r, w, c))
 
 
 def _noise_source(spec: str, image_size: int) -> EvalSource:
@@ -127,7 +176,7 @@ def _noise_source(spec: str, image_size: int) -> EvalSource:
     if count < 1:
         raise DataError(f"{spec!r} asks for no samples")
     make = _noise(kind, image_size)
-    return EvalSource(f"{kind}-noise", spec, count, [], lambda t, r, w: _GeneratedStream(make, count, t, r, w))
+    return EvalSource(f"{kind}-noise", spec, count, [], lambda t, r, w, c: _GeneratedStream(make, count, t, r, w, c))
 
 
 def _synthetic_source(spec: str, image_size: int) -> EvalSource:
@@ -141,12 +190,12 @@ def _synthetic_source(spec: str, image_size: int) -> EvalSource:
     if kind.needs_id and not id_spec:
         raise DataError(f"{spec!r}: {kind_name} corrupts ID images; use synthetic:{kind_name}:N:<ID training set>")
     if not kind.needs_id:
-        return EvalSource(f"synthetic-{kind_name}", spec, count, [], lambda t, r, w: _GeneratedStream(
-            lambda i: make_outlier(kind_name, i, image_size), count, t, r, w))
+        return EvalSource(f"synthetic-{kind_name}", spec, count, [], lambda t, r, w, c: _GeneratedStream(
+            lambda i: make_outlier(kind_name, i, image_size), count, t, r, w, c))
     id_set = open_source(id_spec, image_size)
 
-    def stream(transform: Transform, rank: int, world_size: int) -> IterableDataset:
-        return _SyntheticFromId(kind_name, count, id_set, image_size, transform, rank, world_size)
+    def stream(transform: Transform, rank: int, world_size: int, counters: DataCounters) -> IterableDataset:
+        return _SyntheticFromId(kind_name, count, id_set, image_size, transform, rank, world_size, counters)
 
     return EvalSource(f"synthetic-{kind_name}", spec, count, [], stream)
 
@@ -155,19 +204,25 @@ class _SyntheticFromId(IterableDataset):
     """Corruptions of ID images: reads the ID images this worker needs once, then makes its samples."""
 
     def __init__(self, kind: str, count: int, id_set: EvalSource, size: int, transform: Transform, rank: int,
-                 world_size: int):
+                 world_size: int, counters: DataCounters):
         self.kind, self.count, self.id_set, self.size = kind, count, id_set, size
-        self.transform, self.rank, self.world_size = transform, rank, world_size
+        self.transform, self.rank, self.world_size, self.counters = transform, rank, world_size, counters
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
         from disttrain.data.synthetic import id_image_indices, make_outlier
 
-        mine = list(_my_indices(self, self.count, self.rank, self.world_size))
+        mine = list(my_indices(self, self.count, self.rank, self.world_size))
         needed = {j for i in mine for j in id_image_indices(self.kind, i, self.id_set.num_samples)}
         pixels = self.id_set.pixels(needed, self.size)
         for index in mine:
-            image = make_outlier(self.kind, index, self.size, id_images=pixels.__getitem__,
-                                 num_id=self.id_set.num_samples)
+            try:
+                image = make_outlier(self.kind, index, self.size, id_images=pixels.__getitem__,
+                                     num_id=self.id_set.num_samples)
+            except KeyError as err:  # an ID image it is made from is damaged (absent from `pixels`)
+                self.counters.damaged("corrupt", f"sample {index} of {self.kind}: ID image {err} of "
+                                                 f"{self.id_set.spec} is damaged")
+                continue
+            self.counters.served()
             yield self.transform(Image.fromarray(image)), -1, index
 
 
@@ -180,25 +235,31 @@ def interpolated_source(id_set: EvalSource, ood_set: EvalSource, lam: float, cou
         raise DataError(f"interpolation weight {lam} is outside [0, 1]")
     count = min(count, id_set.num_samples) if count else id_set.num_samples
 
-    def stream(transform: Transform, rank: int, world_size: int) -> IterableDataset:
-        return _InterpolatedStream(id_set, ood_set, lam, count, transform, rank, world_size)
+    def stream(transform: Transform, rank: int, world_size: int, counters: DataCounters) -> IterableDataset:
+        return _InterpolatedStream(id_set, ood_set, lam, count, transform, rank, world_size, counters)
 
     return EvalSource(f"interp-{lam:g}", f"interpolate:{lam:g}:{id_set.spec}+{ood_set.spec}", count, [], stream)
 
 
 class _InterpolatedStream(IterableDataset):
     def __init__(self, id_set: EvalSource, ood_set: EvalSource, lam: float, count: int, transform: Transform,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, counters: DataCounters):
         self.id_set, self.ood_set, self.lam, self.count = id_set, ood_set, lam, count
-        self.transform, self.rank, self.world_size = transform, rank, world_size
+        self.transform, self.rank, self.world_size, self.counters = transform, rank, world_size, counters
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
-        mine = list(_my_indices(self, self.count, self.rank, self.world_size))
+        mine = list(my_indices(self, self.count, self.rank, self.world_size))
         id_images = self.id_set.images(set(mine))
         ood_images = self.ood_set.images({i % self.ood_set.num_samples for i in mine})
         for index in mine:
+            ood_index = index % self.ood_set.num_samples
+            if index not in id_images or ood_index not in ood_images:  # damaged in its source set
+                self.counters.damaged("corrupt", f"interpolation {index}: ID image {index} of {self.id_set.spec} or "
+                                                 f"OOD image {ood_index} of {self.ood_set.spec} is damaged")
+                continue
+            self.counters.served()
             x_id = self.transform(id_images[index])
-            x_ood = self.transform(ood_images[index % self.ood_set.num_samples])
+            x_ood = self.transform(ood_images[ood_index])
             yield self.lam * x_id + (1 - self.lam) * x_ood, -1, index
 
 
@@ -227,15 +288,15 @@ def open_source(spec: str, image_size: int) -> EvalSource:
                         f"noise:gaussian|uniform or synthetic:KIND)")
     if (root / MANIFEST).is_file():
         split = ShardSplit.open(root)
-        if split.num_samples == 0:
-            raise DataError(f"evaluation set {spec!r} is empty")
-        return EvalSource(root.name, spec, split.num_samples, split.classes, ShardEvalStream.for_split(split))
+        if split.index.num_samples == 0:
+            raise DataError(f"evaluation set {spec!r} is empty (its shards hold no sample)")
+        return EvalSource(root.name, spec, split.index.num_samples, split.classes, ShardEvalStream.for_split(split),
+                          manifest_report=dict(split.index.report))
     try:
         listing = read_layout("folder", root, "all")
-    except DataError:
-        raise DataError(f"evaluation set {spec!r} has no images and no {MANIFEST}") from None
-    try:
-        listing.records[0].image()
-    except OSError as err:
-        raise DataError(f"evaluation set {spec!r}: cannot read {listing.records[0].path} ({err})") from None
+    except DataError as err:
+        if "no images found" in str(err):
+            raise DataError(f"evaluation set {spec!r} has no images and no {MANIFEST}") from None
+        raise DataError(f"evaluation set {spec!r}: {err}") from None
+    # No test read of an image here: an unreadable one is skipped and counted like any other.
     return _records_source(root.name, spec, listing.records, [])

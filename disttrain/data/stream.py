@@ -1,116 +1,97 @@
 """Training streams over shard splits: exact epochs, a resampled outlier stream, resume.
 
-`ShardReader` (one pass per epoch). Each epoch the shards are permuted with (seed,
-epoch) and laid end to end into one sequence of the split's N samples. Rank r reads the
-contiguous range [r * n, (r + 1) * n) of it, with n = (N // (world x batch)) x batch, so
-an epoch has exactly N // (world x batch) micro-batches on every rank, no sample is read
-twice, and the fewer than world x batch samples left over fall at the end of the
-sequence, which the next epoch's permutation changes. Within a rank, the range is dealt
-in whole batches to the DataLoader workers ("slots"); each slot shuffles its samples
-through a buffer seeded with (seed, epoch, rank, slot).
+Why sample-level: real datasets arrive sorted by class (one folder per class, converted in
+that order, sometimes into a single shard). A stream that lays shards end to end and hands
+each rank a contiguous range, shuffling only within a small buffer, then deals every rank a
+few classes and every batch one or two: BatchNorm learns skewed statistics and accuracy
+falls with no warning. So both streams choose *samples*, not shards, at random, and read
+each one directly through the split's sample index (`disttrain.data.tarindex.SplitIndex`:
+one `pread` per sample, shard files kept open in a small per-worker LRU).
 
-`OutlierStream` (resampled, e.g. WebVision outliers for OE). Each slot draws shards with
-replacement (seeded by seed, epoch, rank, slot) and shuffles them through a buffer, for
-as many batches as the user asks *per rank* (`batches_per_epoch`), split over workers.
+`ShardReader` (one pass per epoch). Each epoch the positions 0..N-1 of the split's N
+samples (as the shards hold them, whatever the manifest says) are permuted with a
+generator seeded by (seed, epoch), the same on every rank. Rank r takes positions
+[r * n, (r + 1) * n) of that permutation, with n = (N // (world x batch)) x batch: a
+random subset, so an epoch has exactly N // (world x batch) micro-batches on every rank
+and no sample is read twice. Within a rank, the positions are dealt in whole batches to
+the DataLoader workers ("slots") in order. The fewer than world x batch positions left
+over are the reserve that replaces damaged samples (then the permutation from its start).
+
+`OutlierStream` (resampled, e.g. WebVision outliers for OE). Each slot draws sample
+positions uniformly with replacement (seeded by seed, "outliers", epoch, rank, slot) among
+the samples of the kept classes (by the labels in the index), for as many batches as the
+user asks *per rank* (`batches_per_epoch`), split over workers.
 
 Both yield (image, label) batches whose order is a pure function of (seed, epoch, rank)
 and resume at micro-batch K by skipping, undecoded, what each worker had served and
 rotating the workers so the DataLoader's round-robin continues where it stopped.
 Augmentation randomness is seeded per sample.
 
-Damaged data: a member that does not decode, a sample without an image and a truncated
-shard are skipped, counted (`problems()`, logged to tracking by the loop) and reported
-on stderr; the slot fills its quota from the samples after the epoch's assigned ranges
-(or the next resampled ones), so batch counts stay equal on all ranks. (A resumed run
-skips served samples without decoding them, so after damaged members the samples that
-replace them may differ from the uninterrupted run's.) A shard missing on disk is an
-error naming it.
+Damaged data: a sample whose bytes cannot be read (`unreadable_samples`: file cut short,
+I/O error) or whose image or label does not decode (`corrupt_samples`) is skipped,
+counted with the samples served (`problems()`, logged to tracking by the loop; additive
+over ranks) and reported on stderr; the slot fills its quota from the reserve, so batch
+counts stay equal on all ranks. `check_damage` stops a run whose damaged share passes a
+threshold. (A resumed run skips served samples without decoding them, so after damaged
+samples the ones that replace them may differ from the uninterrupted run's.) Samples the
+manifest lists but the shards do not hold are reported when the stream is made
+(`manifest_report`), and stop it there when they pass `max_bad_fraction`. A shard missing
+on disk is an error naming it.
 """
 
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import random
-import sys
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from disttrain.data.shards import (
+    COUNTERS,
+    DataCounters,
     DataError,
     ShardSplit,
-    decode_image,
+    decode_sample,
     ignore_stop_signals,
+    read_sample,
     seed_of,
+    tell,
 )
+from disttrain.data.tarindex import ShardFiles
 
 Transform = Callable[[Image.Image], torch.Tensor]
-PROBLEMS = ("corrupt_members", "truncated_shards")
-_MAX_WARNINGS = 10  # per worker and epoch; the counters keep counting
+PROBLEMS = COUNTERS  # the keys of `problems()`
+_DAMAGE_GRACE = 1000  # the share is taken of at least this many samples: one early bad one must not stop a run
 
 
-class _Problems:
-    """Counters shared with DataLoader worker processes."""
+def check_damage(counts: dict[str, float], max_bad_fraction: float, what: str) -> None:
+    """Raise DataError when damaged samples are more than `max_bad_fraction` of those read.
 
-    def __init__(self) -> None:
-        self._values = multiprocessing.get_context().Array("q", len(PROBLEMS))
-        self._warned = 0
-
-    def add(self, kind: str, message: str) -> None:
-        with self._values.get_lock():
-            self._values[PROBLEMS.index(kind)] += 1
-        self.warn(f"skipped {message}")
-
-    def warn(self, message: str) -> None:
-        if self._warned < _MAX_WARNINGS:
-            self._warned += 1
-            print(f"disttrain: warning: {message}", file=sys.stderr, flush=True)
-
-    def snapshot(self) -> dict[str, int]:
-        return {kind: int(self._values[i]) for i, kind in enumerate(PROBLEMS)}
-
-
-def _shard_samples(path: Path, problems: _Problems) -> Iterator[dict[str, Any]]:
-    """The samples of one shard in order; an unreadable tail ends it (the callers count the samples
-    that came up short against the manifest)."""
-    if not path.is_file():
-        raise DataError(f"shard {path} is missing (listed in its split's manifest)")
-
-    def on_error(err: Exception) -> bool:
-        if isinstance(err, (tarfile.TarError, OSError, ValueError, EOFError)):
-            problems.warn(f"{path.name} is unreadable from here on: {err}")
-            return False  # stop reading this shard
-        raise err
-
-    samples = wds.tarfile_to_samples(handler=on_error)([{"url": str(path)}])
-    return iter(samples)
-
-
-def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    buffer: list[dict] = []
-    for sample in samples:
-        if size <= 1:
-            yield sample
-            continue
-        buffer.append(sample)
-        if len(buffer) >= size:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    while buffer:
-        yield buffer.pop(rng.randrange(len(buffer)))
+    `counts`: one stream's `served_samples`, `corrupt_samples`, `unreadable_samples` (summed
+    over ranks; select a prefixed stream's keys first); `what` names the stream in the message
+    (a split's root, an evaluation spec, "outliers"). Below
+    `_DAMAGE_GRACE` samples read the share is taken of that many, so a single early bad
+    sample does not stop a run; `max_bad_fraction=0` stops at any.
+    """
+    corrupt, unreadable = counts.get("corrupt_samples", 0), counts.get("unreadable_samples", 0)
+    bad = corrupt + unreadable
+    read = counts.get("served_samples", 0) + bad
+    if bad > max_bad_fraction * max(read, _DAMAGE_GRACE):
+        split = what if Path(what).is_dir() else "<split>"
+        raise DataError(f"{what}: {bad:g} of the {read:g} samples read so far are damaged ({corrupt:g} do not "
+                        f"decode, {unreadable:g} cannot be read), more than data.max_bad_fraction={max_bad_fraction:g} "
+                        f"allows; find them with `disttrain shards verify {split}`, or raise data.max_bad_fraction")
 
 
 class _StreamBase:
     """What both streams share: per-slot quotas of whole batches, resume plans, serving."""
 
     def __init__(self, split: ShardSplit, transform: Transform | None, *, batch_size: int, rank: int,
-                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int):
+                 world_size: int, num_workers: int, seed: int, max_bad_fraction: float):
         self.split = split
         self.transform = transform
         self.batch_size = batch_size
@@ -119,13 +100,26 @@ class _StreamBase:
         self.num_workers = num_workers
         self.slots_per_rank = max(num_workers, 1)
         self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self._problems = _Problems()
+        self.index = split.index  # built once here, in the main process: forked workers share its arrays
+        self.num_samples = self.index.num_samples
+        self.manifest_report = dict(self.index.report)
+        self._problems = DataCounters()
+        missing, listed = self.manifest_report["missing_samples"], self.manifest_report["listed_samples"]
+        if missing > max_bad_fraction * listed:
+            raise DataError(f"{split.root}: {missing} of the {listed} samples its manifest lists are not in the "
+                            f"shards, more than max_bad_fraction={max_bad_fraction:g} allows (data.max_bad_fraction "
+                            f"in a recipe); see what is missing with `disttrain shards verify {split.root}`, rebuild "
+                            f"the split with `disttrain shards build`")
 
     batches_per_epoch: int
 
+    def manifest_counts(self, prefix: str = "") -> dict[str, int]:
+        """The manifest's disagreements with the shards, for a stage's summary (`data/<prefix>...`)."""
+        return {f"data/{prefix}{key}": int(self.manifest_report[key]) for key in ("missing_samples", "unlisted_samples")}
+
     def problems(self) -> dict[str, int]:
-        """Damaged data skipped so far on this rank (all epochs, all workers)."""
+        """Samples served and damaged ones skipped so far on this rank (all epochs, all workers):
+        `served_samples`, `corrupt_samples`, `unreadable_samples`."""
         return self._problems.snapshot()
 
     def slot_batches(self) -> list[int]:
@@ -154,31 +148,32 @@ class _StreamBase:
             plan.append((slot, consumed[slot] * self.batch_size, (consumed[slot] + remaining[slot]) * self.batch_size))
         return plan
 
-    def raw_samples(self, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
-        """The slot's raw samples in serving order; must not run dry before its quota."""
+    def positions(self, epoch: int, slot: int) -> Iterator[int]:
+        """The slot's sample positions in serving order; must not run dry before its quota."""
         raise NotImplementedError
 
     def serve(self, epoch: int, slot: int, skip: int, quota: int) -> Iterator[tuple[torch.Tensor, int]]:
         if skip >= quota:
             return  # this slot had served all of its share before the checkpoint
-        served = 0
-        for sample in self.raw_samples(epoch, slot):
-            if served < skip:
-                served += 1  # consumed before the checkpoint: skipped undecoded
-                continue
-            try:
-                image, label = decode_image(sample), int(sample["cls"])
-            except (OSError, ValueError, SyntaxError, KeyError) as err:
-                self._problems.add("corrupt_members", f"{sample.get('__key__')} in {sample.get('__url__')}: {err}")
-                continue
-            served += 1
-            with torch.random.fork_rng(devices=[]):
-                # the CPU generator only: torch.manual_seed also seeds every accelerator backend,
-                # a cost per sample that showed in the data benchmark
-                torch.default_generator.manual_seed(seed_of(self.seed, epoch, sample["__key__"]))
-                yield self.transform(image), label
-            if served == quota:
-                return
+        served = skip  # served before the checkpoint: skipped undecoded
+        shard_files = ShardFiles(self.split.root, self.split.shard_names)
+        try:
+            for position in itertools.islice(self.positions(epoch, slot), skip, None):
+                sample = read_sample(shard_files, self.index, position, self._problems)
+                decoded = decode_sample(sample, self._problems, self.split.num_classes) if sample else None
+                if decoded is None:
+                    continue
+                served += 1
+                self._problems.served()
+                with torch.random.fork_rng(devices=[]):
+                    # the CPU generator only: torch.manual_seed also seeds every accelerator backend,
+                    # a cost per sample that showed in the data benchmark
+                    torch.default_generator.manual_seed(seed_of(self.seed, epoch, sample["__key__"]))
+                    yield self.transform(decoded[0]), decoded[1]
+                if served == quota:
+                    return
+        finally:
+            shard_files.close()
         raise DataError(f"{self.split.root}: ran out of readable samples after {served} of {quota} (too much of "
                         f"the split is damaged; run `disttrain shards verify {self.split.root}`)")
 
@@ -203,106 +198,85 @@ class _SlotStream(IterableDataset):
 
 
 class ShardReader(_StreamBase):
-    """One pass over a split per epoch, exactly partitioned over ranks and workers."""
+    """One pass over a split per epoch, exactly partitioned over ranks and workers, in an order
+    drawn at random over all of its samples (whatever order the shards hold them in)."""
 
     def __init__(self, split: ShardSplit, transform: Transform | None, *, batch_size: int, rank: int,
-                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int):
+                 world_size: int, num_workers: int, seed: int, max_bad_fraction: float = 1.0):
+        """`max_bad_fraction`: of the manifest's samples that may be missing from the shards."""
         super().__init__(split, transform, batch_size=batch_size, rank=rank, world_size=world_size,
-                         num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
-        self.batches_per_epoch = split.num_samples // (world_size * batch_size)
+                         num_workers=num_workers, seed=seed, max_bad_fraction=max_bad_fraction)
+        self.batches_per_epoch = self.num_samples // (world_size * batch_size)
         if self.batches_per_epoch == 0:
-            raise DataError(f"{split.root} has {split.num_samples} samples, fewer than one global batch of "
+            raise DataError(f"{split.root} has {self.num_samples} samples, fewer than one global batch of "
                             f"{world_size} ranks x {batch_size}; use a smaller batch or more data")
+        if rank == 0:
+            self._note_source_order()
 
-    def shard_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.split.shard_names)))
-        random.Random(seed_of(self.seed, "shards", epoch)).shuffle(order)
-        return order
+    def _note_source_order(self) -> None:
+        """Say once that a split written in source order (often sorted by class) is read mixed anyway."""
+        options = self.split.manifest.get("options")
+        if not isinstance(options, dict) or options.get("shuffle_seed", 0) is not None or self.split.num_classes < 2:
+            return
+        counts = self.split.shard_class_counts()
+        single = sum(1 for c in counts if sum(1 for n in c if n) == 1) if counts else 0
+        tell("note", f"{self.split.root} was written in source order (`--keep-order`)"
+                      + (f", {single} of its {len(counts)} shards hold one class only" if single else "")
+                      + "; it is read through a sample-level permutation, so ranks and batches are class-mixed "
+                        "anyway")
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All sample positions of `epoch`, permuted: the same on every rank."""
+        return np.random.default_rng(seed_of(self.seed, "epoch", epoch)).permutation(self.num_samples)
 
     def slot_range(self, slot: int) -> tuple[int, int]:
-        """[start, end) of `slot` of this rank in the epoch's sequence of samples."""
+        """[start, end) of `slot` of this rank in the epoch's permutation."""
         per_rank = self.batches_per_epoch * self.batch_size
         batches = self.slot_batches()
         start = self.rank * per_rank + sum(batches[:slot]) * self.batch_size
         return start, start + batches[slot] * self.batch_size
 
-    def _positions(self, epoch: int, start: int, end: int) -> Iterator[dict[str, Any]]:
-        """Samples at sequence positions [start, end) of `epoch` (positions taken modulo N)."""
-        order = self.shard_order(epoch)
-        sizes = [self.split.shard_sizes[i] for i in order]
-        total = self.split.num_samples
-        position = start
-        while position < end:
-            offset, index = position % total, 0
-            while offset >= sizes[index]:
-                offset -= sizes[index]
-                index += 1
-            take = min(sizes[index] - offset, end - position)
-            path = self.split.root / self.split.shard_names[order[index]]
-            got = 0
-            for sample in itertools.islice(_shard_samples(path, self._problems), offset, offset + take):
-                got += 1
-                yield sample
-            if got < take:
-                self._problems.add("truncated_shards", f"{take - got} samples missing from {path.name} (it holds "
-                                   f"fewer than its manifest entry says)")
-            position += take  # a truncated shard comes up short; the slot's reserve makes up for it
+    def rank_positions(self, epoch: int) -> np.ndarray:
+        """The sample positions this rank serves in `epoch` (slot by slot; without damaged-sample
+        replacements)."""
+        per_rank = self.batches_per_epoch * self.batch_size
+        return self.epoch_order(epoch)[self.rank * per_rank:(self.rank + 1) * per_rank]
 
-    def raw_samples(self, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
+    def positions(self, epoch: int, slot: int) -> Iterator[int]:
+        order = self.epoch_order(epoch)
         start, end = self.slot_range(slot)
-        rng = random.Random(seed_of(self.seed, epoch, self.rank, slot))
-        own = _shuffled(self._positions(epoch, start, end), self.shuffle_buffer, rng)
-        # Reserve against damaged samples: the epoch's unassigned tail first, then round again.
+        # Reserve against damaged samples: the epoch's unassigned tail first, then round again
+        # (lazily: it is rarely needed, and a list of every position per worker would weigh)
         tail = self.batches_per_epoch * self.batch_size * self.world_size
-        reserve = self._positions(epoch, tail, tail + self.split.num_samples)
-        return itertools.chain(own, reserve)
+        reserve = (int(p) for part in (order[tail:], order[:tail]) for p in part)
+        return itertools.chain(order[start:end].tolist(), reserve)
 
 
 class OutlierStream(_StreamBase):
-    """An endless, resampled stream (shards drawn with replacement), cut into epochs of
+    """An endless, resampled stream (samples drawn with replacement), cut into epochs of
     `batches_per_epoch` micro-batches per rank."""
 
+    _DRAWS = 512  # positions drawn at a time (a fixed number: the sequence must not depend on it varying)
+
     def __init__(self, split: ShardSplit, transform: Transform | None, *, batch_size: int, batches_per_epoch: int,
-                 rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
-                 keep_labels: frozenset[int] | None = None):
-        """`keep_labels`: serve only samples of these classes (None: all); shards whose manifest
-        entry counts none of them are never drawn."""
+                 rank: int, world_size: int, num_workers: int, seed: int, keep_labels: frozenset[int] | None = None,
+                 max_bad_fraction: float = 1.0):
+        """`keep_labels`: serve only samples of these classes (None: all), by the labels of the
+        split's index; `max_bad_fraction`: of the manifest's samples that may be missing."""
         super().__init__(split, transform, batch_size=batch_size, rank=rank, world_size=world_size,
-                         num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer)
+                         num_workers=num_workers, seed=seed, max_bad_fraction=max_bad_fraction)
         if batches_per_epoch < 1:
             raise DataError(f"an outlier stream needs at least one batch per epoch (got {batches_per_epoch})")
         self.batches_per_epoch = batches_per_epoch
         self.keep_labels = keep_labels
-        self.shards = list(range(len(split.shard_names)))
+        self.pool = np.arange(self.num_samples, dtype=np.int64)
         if keep_labels is not None:
-            entries = split.manifest.get("shards", [])
-            self.shards = [i for i in self.shards if "class_counts" not in entries[i]
-                           or any(entries[i]["class_counts"][c] for c in keep_labels)]
-            if not self.shards:
-                raise DataError(f"{split.root}: no shard holds a sample of the classes kept for the outlier stream")
+            self.pool = np.flatnonzero(np.isin(self.index.labels, sorted(keep_labels)))
+        if len(self.pool) == 0:
+            what = "of the classes kept for the outlier stream" if keep_labels is not None else "at all"
+            raise DataError(f"{split.root}: no sample {what} (the shards hold {self.num_samples} samples)")
 
-    def _kept(self, sample: dict[str, Any]) -> bool:
-        if self.keep_labels is None:
-            return True
-        try:
-            return int(sample.get("cls", -1)) in self.keep_labels
-        except (TypeError, ValueError):
-            return True  # an unreadable label: serve() counts the sample as damaged
-
-    def raw_samples(self, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
-        rng = random.Random(seed_of(self.seed, "outliers", epoch, self.rank, slot))
-        names = self.split.shard_names
-
-        def draws() -> Iterator[dict[str, Any]]:
-            for _ in range(1 << 62):
-                index = self.shards[rng.randrange(len(self.shards))]
-                got = 0
-                for sample in _shard_samples(self.split.root / names[index], self._problems):
-                    got += 1
-                    if self._kept(sample):
-                        yield sample
-                if got < self.split.shard_sizes[index]:
-                    self._problems.add("truncated_shards", f"{self.split.shard_sizes[index] - got} samples "
-                                       f"missing from {names[index]}")
-
-        return _shuffled(draws(), self.shuffle_buffer, rng)
+    def positions(self, epoch: int, slot: int) -> Iterator[int]:
+        rng = np.random.default_rng(seed_of(self.seed, "outliers", epoch, self.rank, slot))
+        while True:
+            yield from self.pool[rng.integers(0, len(self.pool), self._DRAWS)].tolist()

@@ -13,17 +13,19 @@ def _to_normalized_tensor() -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def train_transform(image_size: int, resize_size: int, augment: str = "resize_crop") -> v2.Compose:
+def train_transform(image_size: int, resize_size: int, augment: str = "resize_crop", hflip: bool = True) -> v2.Compose:
     """resize_crop (mixupoe.txt App. D.1): resize to resize x resize, random crop image_size,
     horizontal flip. pad_crop (the CIFAR / SVHN recipe of cmg.txt and dmr.txt): resize to
-    image_size, pad 4 px, random crop image_size, horizontal flip."""
+    image_size, pad 4 px, random crop image_size, horizontal flip. `hflip=False` drops the flip
+    (digits, house numbers)."""
     if augment == "pad_crop":
         crop = [v2.Resize((image_size, image_size), antialias=True), v2.RandomCrop(image_size, padding=4)]
     elif augment == "resize_crop":
         crop = [v2.Resize((resize_size, resize_size), antialias=True), v2.RandomCrop(image_size)]
     else:
         raise ValueError(f"unknown augment {augment!r}: resize_crop or pad_crop")
-    return v2.Compose([*crop, v2.RandomHorizontalFlip(), *_to_normalized_tensor()])
+    flip = [v2.RandomHorizontalFlip()] if hflip else []
+    return v2.Compose([*crop, *flip, *_to_normalized_tensor()])
 
 
 def eval_transform(image_size: int, resize_size: int) -> v2.Compose:

@@ -1,46 +1,125 @@
-"""timm classifiers, with ImageNet weights read from a local file only."""
+"""timm classifiers, with ImageNet weights read from a local file only, and the stems that fit a
+ResNet to small (28-64 px) images."""
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
+from timm.models import split_model_name_tag
 from torch import nn
 
 from disttrain.config import ConfigError, ModelConfig
 
 
 def check_classifier_config(cfg: ModelConfig, image_size: int) -> None:
-    """Model name, weights file and input size, checked without building anything."""
+    """Model name, weights file, stem and input size, checked before any compute (the size on a
+    weightless meta-device build)."""
     if not timm.is_model(cfg.name):
         close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
-        raise ConfigError(f"model.name={cfg.name!r} is not a timm model" + (f"; close: {', '.join(close)}" if close else ""))
+        raise ConfigError(f"model.name={cfg.name!r} is not a timm model"
+                          + (f"; close: {', '.join(close)}" if close else ""))
     if cfg.pretrained and not Path(cfg.pretrained_file).expanduser().is_file():
         raise ConfigError(
             f"model.pretrained_file={cfg.pretrained_file!r} does not exist. Weights are never downloaded at "
             f"run time: put the ImageNet weights of {cfg.name} (timm's model.safetensors or pytorch_model.bin "
             f"for it) at that path, or set model.pretrained=false")
-    if cfg.small_input_stem and not cfg.name.startswith(SMALL_STEM_FAMILIES):
-        raise ConfigError(f"model.small_input_stem=true swaps a ResNet's stem (conv1 + maxpool); {cfg.name} is not "
-                          f"one of the {', '.join(SMALL_STEM_FAMILIES)} families: set model.small_input_stem=false")
     pcfg = timm.get_pretrained_cfg(cfg.name)
     native = pcfg.input_size[-1] if pcfg is not None else image_size
     if pcfg is not None and pcfg.fixed_input_size and native != image_size:
         raise ConfigError(f"model {cfg.name} only takes {native}px inputs but data.image_size={image_size}; "
                           f"set data.image_size={native} or pick a model without a fixed input size")
+    arch = split_model_name_tag(cfg.name)[0]
+    if cfg.stem != DEFAULT_STEM and arch not in resnet_models():
+        raise ConfigError(f"model.stem={cfg.stem} replaces the conv1 + maxpool stem of timm's ResNet class, which "
+                          f"{cfg.name} is not: pick a model of timm.list_models(module='resnet') "
+                          f"({', '.join(f + '*' for f in resnet_families())}) or set model.stem={DEFAULT_STEM}")
+    reduction = total_reduction(arch, cfg.stem)
+    if reduction is not None and image_size < reduction:
+        # padding keeps every map at least 1x1, so a too small image trains without an error: on padding
+        fits = {stem: total_reduction(arch, stem) for stem in STEMS} if arch in resnet_models() else {}
+        others = [f"model.stem={stem} (from {least} px)" for stem, least in fits.items()
+                  if (least or reduction) < reduction]
+        raise ConfigError(f"data.image_size={image_size} is too small for {cfg.name} with model.stem={cfg.stem}: "
+                          f"it downsamples by {reduction}, so its last feature map would hold less than one pixel "
+                          f"of image (the rest: padding); use data.image_size >= {reduction} (a 1x1 final map)"
+                          + (f", or {' / '.join(others)}" if others else ""))
 
 
-SMALL_STEM_FAMILIES = ("resnet", "resnext", "wide_resnet", "seresnet")
+# --------------------------------------------------------------------------- stems
 
 
-def use_small_input_stem(net: nn.Module, channels: int = 3) -> nn.Module:
-    """A timm ResNet with the CIFAR-style stem: one 3x3 stride-1 convolution, no max-pool, so
-    28-64 px images keep their resolution into the first stage."""
-    width = net.conv1.out_channels if isinstance(net.conv1, nn.Conv2d) else net.conv1[-1].num_features
-    net.conv1 = nn.Conv2d(channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+def use_small_input_stem(net: nn.Module, channels: int | None = None) -> nn.Module:
+    """A timm ResNet with the CIFAR-style stem: one 3x3 stride-1 convolution, no max-pool (/1
+    instead of /4), so 28-64 px images keep their resolution into the first stage (cmg.txt 4.3).
+    conv1 is one 7x7 convolution or, in the deep-stem variants (*c, *d, *s, *t), three 3x3 ones in
+    a Sequential; the new one has the width of the last, which bn1 expects. `channels`: the input
+    channels (default: the old stem's)."""
+    convs = [m for m in net.conv1.modules() if isinstance(m, nn.Conv2d)]
+    net.conv1 = nn.Conv2d(channels or convs[0].in_channels, convs[-1].out_channels, kernel_size=3, stride=1,
+                          padding=1, bias=False, device=convs[0].weight.device)
     net.maxpool = nn.Identity()
+    return _rescale_reductions(net, conv_stride=1)
+
+
+def drop_stem_pool(net: nn.Module) -> nn.Module:
+    """A timm ResNet without its stem's second downsampling (the max-pool; an anti-aliased pool in
+    resnetaa / resnetblur, a strided convolution in resnetrs): /2 instead of /4, so a 32 px image
+    reaches the first stage at 16 px and the last at 2x2 (not 1x1). A training step of resnet10t on
+    32 px costs ~2.3x the ImageNet stem's, ~1/3 of the small stem's. The stem's convolutions, and
+    their ImageNet weights, stay."""
+    net.maxpool = nn.Identity()
+    return _rescale_reductions(net, conv_stride=2)
+
+
+def _rescale_reductions(net: nn.Module, conv_stride: int) -> nn.Module:
+    """Keep timm's feature_info true after a stem swap without a pool: the stem's output is at the
+    stem convolution's stride, and every stage's reduction shrinks by what the stem lost."""
+    old_stem = next(info["reduction"] for info in net.feature_info if info["module"] == "layer1")
+    net.feature_info = [{**info, "reduction": conv_stride if info["module"] == "act1"
+                         else info["reduction"] * conv_stride // old_stem} for info in net.feature_info]
     return net
+
+
+# model.stem -> how a built timm ResNet gets it; the first is the model's own (conv1 /2, maxpool /2)
+STEMS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "imagenet": lambda net: net,
+    "no_maxpool": drop_stem_pool,
+    "small": use_small_input_stem,
+}
+DEFAULT_STEM = next(iter(STEMS))
+
+
+@functools.cache
+def resnet_models() -> frozenset[str]:
+    """The models of timm's ResNet class (timm.models.resnet), whose stem is conv1 + maxpool; not
+    resnetv2_* (a `stem` module) nor the ByobNets resnext26ts, seresnet33ts, ..."""
+    return frozenset(timm.list_models(module="resnet"))
+
+
+def resnet_families() -> list[str]:
+    """resnet_models() by name up to the first digit: resnet, resnext, seresnet, wide_resnet, ..."""
+    return sorted({re.match(r"[a-z_]+?(?=\d|$)", name).group(0) for name in resnet_models()})
+
+
+@functools.cache
+def total_reduction(arch: str, stem: str = DEFAULT_STEM) -> int | None:
+    """How much timm model `arch` with `stem` downsamples an image into its last feature map (its
+    feature_info), read from a build on the meta device (no memory, no weights: a fraction of a second);
+    None when timm does not say or the model cannot be built there."""
+    try:
+        with torch.device("meta"):
+            net = STEMS[stem](timm.create_model(arch))
+    except Exception:  # a model that needs real tensors to be built: no check rather than a false refusal
+        return None
+    info = getattr(net, "feature_info", None)
+    if not isinstance(info, list) or not info or "reduction" not in info[-1]:
+        return None
+    return int(info[-1]["reduction"])
 
 
 def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> torch.nn.Module:
@@ -50,7 +129,7 @@ def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> tor
     overlay = {"file": str(Path(cfg.pretrained_file).expanduser()), "num_classes": 1000} if cfg.pretrained else None
     net = timm.create_model(cfg.name, pretrained=cfg.pretrained, pretrained_cfg_overlay=overlay,
                             num_classes=num_classes, drop_rate=cfg.drop_rate)
-    return use_small_input_stem(net) if cfg.small_input_stem else net
+    return STEMS[cfg.stem](net)
 
 
 def split_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from disttrain import files  # noqa: E402
+from disttrain.ood.scorers import MSP  # noqa: E402
 
 TABLE5_METRICS = ("fpr95", "auroc", "aupr_out")  # the paper's order: FPR95↓ / AUROC↑ / AUPR↑ (OOD positive)
 MISSING = "-"
@@ -203,21 +204,27 @@ def table6(cells: dict[tuple[str, str], list[SeedRun]], columns: list[str]) -> T
 # --------------------------------------------------------------------------- confidence densities
 
 
-def density_grid(rows: dict[str, dict[str, np.ndarray]], scorer: str, path: Path, title: str = "") -> Path:
-    """One row per model (`rows[label]`: its ID set first, then its OOD sets, as OOD scores);
-    columns: the ID set, then every OOD set any row has. Histograms, density=True, 50 bins.
+def density_values(rows: dict[str, dict[str, np.ndarray]], scorer: str
+                   ) -> tuple[dict[str, dict[str, np.ndarray]], tuple[float, float], str]:
+    """What `density_grid` plots: the values per row and set, their x range and the x label.
 
-    For msp the panels show the confidence (max softmax probability = -score) on [0, 1];
-    any other scorer its raw score, on the range of all its values in the grid."""
+    For msp, the confidence (max softmax probability, `MSP.confidence`: the scores are stored as
+    log(1 - max softmax)) on [0, 1]; any other scorer its stored score, on the range of all its values."""
+    if scorer == MSP.name:
+        values = {label: {name: MSP.confidence(np.asarray(s, dtype=np.float64)) for name, s in by_set.items()}
+                  for label, by_set in rows.items()}
+        return values, (0.0, 1.0), "confidence (max softmax prob.)"
+    every = np.concatenate([s for by_set in rows.values() for s in by_set.values()])
+    lo, hi = float(every.min()), float(every.max())
+    return rows, (lo, hi if hi > lo else lo + 1.0), f"{scorer} score (higher = more OOD)"
+
+
+def density_grid(rows: dict[str, dict[str, np.ndarray]], scorer: str, path: Path, title: str = "") -> Path:
+    """One row per model (`rows[label]`: its ID set first, then its OOD sets, as stored OOD scores);
+    columns: the ID set, then every OOD set any row has. Histograms, density=True, 50 bins, of
+    `density_values`: for msp the confidence on [0, 1], for any other scorer its raw score."""
     oods = list(dict.fromkeys(name for by_set in rows.values() for name in list(by_set)[1:]))
-    confidence = scorer == "msp"
-    values = {label: {name: -s if confidence else s for name, s in by_set.items()} for label, by_set in rows.items()}
-    if confidence:
-        lo, hi = 0.0, 1.0
-    else:
-        every = np.concatenate([s for by_set in values.values() for s in by_set.values()])
-        lo, hi = float(every.min()), float(every.max())
-        hi = hi if hi > lo else lo + 1.0
+    values, (lo, hi), xlabel = density_values(rows, scorer)
     fig, axes = plt.subplots(len(rows), 1 + len(oods), figsize=(2.4 * (1 + len(oods)), 1.9 * len(rows)),
                              squeeze=False, sharex=True)
     for ax_row, (label, by_set) in zip(axes, values.items()):
@@ -233,8 +240,7 @@ def density_grid(rows: dict[str, dict[str, np.ndarray]], scorer: str, path: Path
             ax.tick_params(labelsize=6)
         ax_row[0].set_ylabel(f"{label}\ndensity", fontsize=8)
     for ax in axes[-1]:
-        ax.set_xlabel("confidence (max softmax prob.)" if confidence else f"{scorer} score (higher = more OOD)",
-                      fontsize=7)
+        ax.set_xlabel(xlabel, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -43,8 +43,9 @@ def _safe(name: str) -> str:
 def write_plots(scores: dict[str, dict[str, np.ndarray]], id_name: str, out_dir: Path) -> list[Path]:
     """`scores[scorer][set]` are OOD scores (higher = OOD); `id_name` is the ID set's key.
 
-    Per OOD set: ROC and PR curves of every scorer (OOD positive). Per scorer: densities of
-    the ID set and every OOD set (the confidence-density plots of mixupoe.txt Fig. 3)."""
+    Per OOD set: ROC and PR curves of every scorer (OOD positive). Per scorer: densities of its
+    stored scores on the ID set and every OOD set (for msp that is log(1 - max softmax), which keeps
+    confident inputs apart; recipes/report.py draws the paper's confidence densities, mixupoe.txt Fig. 3)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     ood_names = [name for name in next(iter(scores.values())) if name != id_name]

@@ -1,7 +1,10 @@
 """Post-hoc OOD scorers: one registry, each scorer a small fit/score contract.
 
 Convention: `score(features)` returns one float64 OOD score per sample, HIGHER = MORE LIKELY OOD
-(MSP returns -max softmax, energy -T*logsumexp(logits/T), Mahalanobis the distance, ...).
+(energy -T*logsumexp(logits/T), Mahalanobis the distance, ...). Where the paper's own quantity
+cannot rank confident inputs in float64 (MSP's -max softmax is exactly -1.0 for every saturated
+input, a tie), the scorer stores a rank-equivalent statistic instead (MSP: log(1 - max softmax)):
+the metrics are those of the paper's score, and `paper_score(scores)` maps stored scores back.
 
 Contract of a scorer (`Scorer`):
   * class/instance flags tell the feature extractor what to compute: `needs_fit`, `fit_passes`,
@@ -29,13 +32,15 @@ import math
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Literal, Union
+from typing import Any, Callable, ClassVar, Iterable, Literal, TypeVar, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 BlockKind = Literal["pooled", "gram"]
+ScoreArray = TypeVar("ScoreArray", Tensor, np.ndarray)  # stored scores as returned, or as saved (scores.npz)
 SCORE_CHUNK = 8192  # rows scored at once; Mahalanobis/ViM make float64 copies of N x D per call
 
 __all__ = [
@@ -108,8 +113,9 @@ def input_perturbation(model_forward: Callable[[Tensor], Any], images: Tensor,
     per-sample OOD score (higher = OOD, e.g. `scorer.score`). Stepping against the score's
     gradient lowers the score, i.e. makes the input look more ID, which is the original
     papers' direction: ODIN (Liang et al. 2018) steps to INCREASE the temperature-scaled
-    max softmax (x - eps*sign(-grad log S_yhat(x; T))); our ODIN score is -S_yhat(x; T) and, per
-    sample, sign(grad(-S)) = sign(-grad log S). Mahalanobis (Lee et al. 2018) steps to DECREASE
+    max softmax (x - eps*sign(-grad log S_yhat(x; T))); our ODIN score is log(1 - S_yhat(x; T))
+    and, per sample, grad log(1 - S) = -grad S / (1 - S) = -(S / (1 - S)) grad log S: the same sign
+    (and, unlike grad(-S), not rounded to 0 when S saturates). Mahalanobis (Lee et al. 2018) steps to DECREASE
     the distance to the closest class Gaussian; our score is that distance. With blocks, the
     step follows the gradient of the summed score (the original perturbs per layer).
 
@@ -156,6 +162,12 @@ class Scorer:
         """Accepted hyper-parameters and their defaults (the keyword-only `__init__` arguments)."""
         params = inspect.signature(cls.__init__).parameters.values()
         return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    @classmethod
+    def paper_score(cls, scores: ScoreArray) -> ScoreArray:
+        """The paper's score (higher = OOD) from stored `score` values, same ranking. Identity unless
+        the scorer stores a rank-equivalent transform of it (MSP, ODIN, ood_class: see their docs)."""
+        return scores
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={getattr(self, k, '?')!r}" for k in self.hyperparameters()
@@ -318,8 +330,30 @@ def _f64(t: Tensor) -> Tensor:
 def _native(t: Tensor) -> Tensor:
     """Logit-level scores are computed in the features' own precision (float32 from the extractor;
     bf16/fp16 widened to float32): a float64 copy of 200 000 x 2048 features costs 3 GiB and time,
-    for no gain in the ranking. Statistics that accumulate (covariances, sums) stay float64."""
+    for no gain in the ranking. Statistics that accumulate (covariances, sums) stay float64, and so
+    do softmax-based scores (`_log_softmax64`: a float32 softmax saturates)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _log_softmax64(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """log softmax [N, C] and log(1 - max softmax) [N], in float64, exact for saturated inputs.
+
+    With c = argmax and r = log sum_{j != c} exp(z_j - z_c) (a logsumexp: no underflow):
+        log p_j = z_j - z_c - log1p(e^r),    log(1 - p_c) = r - log1p(e^r).
+    A float32 softmax is exactly 1.0 once the runner-up trails by ~17 (float64: ~37), and torch's
+    log_softmax forms 1 + e^r before its log, so log p_c = 0 there; here log p_c = -e^r to full
+    precision and 1 - p_c is never formed. Differentiable (the argmax's own term is masked with
+    -inf, which passes no gradient): ODIN's input preprocessing differentiates it."""
+    z = _f64(logits)
+    top = z.argmax(1, keepdim=True)
+    shifted = z - z.gather(1, top)
+    rest = torch.logsumexp(shifted.scatter(1, top, -math.inf), 1)  # log(1 - p_c) - log(p_c)
+    log_norm = F.softplus(rest)  # log1p(e^r), exact for r << 0
+    return shifted - log_norm[:, None], rest - log_norm
+
+
+def _expm1(scores: ScoreArray) -> ScoreArray:
+    return torch.expm1(scores) if isinstance(scores, Tensor) else np.expm1(scores)
 
 
 def _positive(name: str, value: float) -> float:
@@ -338,27 +372,52 @@ def _non_negative(name: str, value: float) -> float:
 
 @register("msp")
 class MSP(Scorer):
-    """Hendrycks & Gimpel 2017: -max softmax probability."""
+    """Hendrycks & Gimpel 2017: the paper's score is -max softmax probability. STORED: the
+    rank-equivalent log(1 - max softmax) (float64, from the logits: `_log_softmax64`), so that
+    confident inputs stay ranked: -max softmax is exactly -1.0 for every input whose runner-up
+    logit trails by more than ~17 (float32) or ~37 (float64), and a quarter of a real ID test set
+    tying there reads FPR95 = 100 %. Metrics are unchanged (same ranking); the scores saved to
+    scores.npz are these log values: `confidence(scores)` = max softmax prob. = -expm1(score),
+    `paper_score(scores)` = -max softmax = expm1(score)."""
 
     def _score(self, f: Features) -> Tensor:
-        return -F.softmax(_native(f.logits), 1).amax(1)
+        return _log_softmax64(f.logits)[1]
+
+    @classmethod
+    def confidence(cls, scores: ScoreArray) -> ScoreArray:
+        """The max softmax probability (in [0, 1]) of stored MSP scores: -expm1(score)."""
+        return -_expm1(scores)
+
+    @classmethod
+    def paper_score(cls, scores: ScoreArray) -> ScoreArray:
+        return -cls.confidence(scores)
 
 
 @register("ood_class")
 class OODClass(Scorer):
-    """CMG-softmax (cmg.txt 3.3): the softmax probability of a classifier's extra (N+1)-th OOD class.
+    """CMG-softmax (cmg.txt 3.3): the paper's score is the softmax probability p_{N+1} of a
+    classifier's extra (N+1)-th OOD class. STORED: log p_{N+1} (float64 log-softmax of the logits,
+    `_log_softmax64`): the probability underflows or rounds for confident inputs, its log does not.
+    Same ranking, same metrics; `paper_score(scores)` = exp(score) = p_{N+1}.
     It reads every output; the other scorers are given the N ID logits only."""
 
     reads_extra_outputs: ClassVar[bool] = True
 
     def _score(self, f: Features) -> Tensor:
-        return F.softmax(_native(f.logits), 1)[:, -1]
+        return _log_softmax64(f.logits)[0][:, -1]
+
+    @classmethod
+    def paper_score(cls, scores: ScoreArray) -> ScoreArray:
+        return scores.exp() if isinstance(scores, Tensor) else np.exp(scores)
 
 
 @register("odin")
 class ODIN(Scorer):
-    """Liang et al. 2018: -max softmax(logits / T). Input preprocessing with `epsilon` > 0
-    (`perturb`, see `input_perturbation`); mixupoe App. D.2 omits it (epsilon=0, the default)."""
+    """Liang et al. 2018: the paper's score is -max softmax(logits / T). STORED, as for MSP: the
+    rank-equivalent log(1 - max softmax(logits / T)) in float64 (`paper_score` = expm1(score)).
+    Input preprocessing with `epsilon` > 0 (`perturb`, see `input_perturbation`; it steps along
+    the sign of this score's gradient, which is the paper's); mixupoe App. D.2 omits it
+    (epsilon=0, the default)."""
 
     def __init__(self, *, temperature: float = 1000.0, epsilon: float = 0.0):
         self.temperature = _positive("temperature", temperature)
@@ -367,7 +426,11 @@ class ODIN(Scorer):
         super().__init__()
 
     def _score(self, f: Features) -> Tensor:
-        return -F.softmax(_native(f.logits) / self.temperature, 1).amax(1)
+        return _log_softmax64(_f64(f.logits) / self.temperature)[1]
+
+    @classmethod
+    def paper_score(cls, scores: ScoreArray) -> ScoreArray:
+        return _expm1(scores)
 
 
 @register("energy")
@@ -392,48 +455,73 @@ class MaxLogit(Scorer):
 
 @register("entropy")
 class Entropy(Scorer):
-    """Entropy of the softmax distribution, -sum p log p (nats)."""
+    """Entropy of the softmax distribution, -sum p log p (nats), stored as such. Float64 from the
+    logits (`_log_softmax64`): for a confident input every term is tiny but representable (the
+    argmax's own -p_c log p_c = e^r too), so it stays ranked until the runners-up underflow
+    (logit gaps of ~700)."""
 
     def _score(self, f: Features) -> Tensor:
-        logp = F.log_softmax(_native(f.logits), 1)
+        logp = _log_softmax64(f.logits)[0]
         return -(logp.exp() * logp).sum(1)
 
 
 @register("kl_matching")
 class KLMatching(Scorer):
     """Hendrycks et al. 2022 ("Scaling OOD detection"): templates d_k = mean softmax of the ID
-    fit samples PREDICTED as class k; score = min_k KL(p(x) || d_k). Classes never predicted
-    during fit have no template and are left out of the min. Template entries are clamped at
-    the smallest positive float64 before the log."""
+    fit samples PREDICTED as class k; score = min_k KL(p(x) || d_k), stored as such. Classes
+    never predicted during fit have no template and are left out of the min. Template entries
+    are clamped at the smallest positive float64 before the log.
+
+    Float64 from the logits (`_log_softmax64`), split so that only the final sum rounds: with
+    c = argmax p and S = 1 - p_c,
+        KL(p || d_k) = -log d_kc + [-H(p) + S log d_kc - sum_{j != c} p_j log d_kj],
+    the bracket ~ S * (log-ratios) computed to full relative precision. Limit: a saturated p
+    (S ~ e^-gap for a logit gap) changes KL by ~S * gap on top of the template term -log d_kc,
+    and one float64 holds that only while it exceeds ~1e-16 * |log d_kc|: ties begin at logit
+    gaps of ~40-47 for template terms of 1-0.002 (tests/test_scorers.py: distinct and ordered up
+    to 40 with terms 0.1-0.6, up to 50 with peaked templates). No float64 score can rank
+    confident inputs beyond that: MSP and entropy can. The templates' own entry d_kk is kept as
+    1 - mean(1 - p_k) (fit accumulates the non-max mass), so log d_kk stays exact when the fit
+    data is confident too."""
 
     needs_fit = True
 
     def _reset_stats(self) -> None:
-        self._sums: Tensor | None = None
+        self._sums: Tensor | None = None  # [C, C]: row k sums p over samples predicted k, but [k, k] sums 1 - p_k
         self._counts: Tensor | None = None
 
     def _fit_batch(self, f: Features, pass_index: int) -> None:
-        probs = F.softmax(_f64(f.logits), 1)
+        logp, log_rest = _log_softmax64(f.logits)
+        pred = logp.argmax(1)
+        # the predicted class's entry as 1 - p_k: its template entry 1 - mean(1 - p_k) keeps its log exact
+        mass = logp.exp().scatter(1, pred[:, None], log_rest.exp()[:, None])
         if self._sums is None:
-            k = probs.shape[1]
-            self._sums = probs.new_zeros(k, k)
-            self._counts = probs.new_zeros(k)
-        pred = probs.argmax(1)
-        self._sums.index_add_(0, pred, probs)
+            k = mass.shape[1]
+            self._sums = mass.new_zeros(k, k)
+            self._counts = mass.new_zeros(k)
+        self._sums.index_add_(0, pred, mass)
         self._counts.index_add_(0, pred, torch.ones_like(pred, dtype=torch.float64))
 
     def _fit_end(self, pass_index: int) -> None:
         if self._counts is None or self._counts.sum() == 0:
             raise RuntimeError(f"scorer {self.name!r}: no ID samples seen during fit")
         seen = self._counts > 0
-        templates = self._sums[seen] / self._counts[seen, None]
-        self.log_templates = templates.clamp_min(torch.finfo(torch.float64).tiny).log()  # [K_seen, C]
+        templates = self._sums[seen] / self._counts[seen, None]  # [K_seen, C], own class: 1 - d_kk
+        log_templates = templates.clamp_min(torch.finfo(torch.float64).tiny).log()
+        rows, own = torch.arange(len(templates), device=templates.device), seen.nonzero().flatten()
+        log_templates[rows, own] = torch.log1p(-templates[rows, own])
+        self.log_templates = log_templates  # [K_seen, C]
 
     def _score(self, f: Features) -> Tensor:
-        logp = F.log_softmax(_f64(f.logits), 1)
+        logp = _log_softmax64(f.logits)[0]
         p = logp.exp()
-        kl = (p * logp).sum(1, keepdim=True) - p @ self.log_templates.to(p.device).T  # [N, K_seen]
-        return kl.amin(1)
+        top = logp.argmax(1)
+        others = p.scatter(1, top[:, None], 0.0)  # p_j for j != c: 1 - p_c is never formed
+        log_t = self.log_templates.to(p.device)  # [K_seen, C]
+        log_t_top = log_t.T[top]  # [N, K_seen]: log d_kc
+        small = ((p * logp).sum(1, keepdim=True) + others.sum(1, keepdim=True) * log_t_top
+                 - others @ log_t.T)
+        return (small - log_t_top).amin(1)
 
 
 # ----------------------------------------------------------------------------- Mahalanobis

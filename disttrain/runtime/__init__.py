@@ -8,20 +8,29 @@ from typing import Callable
 
 from disttrain.config import ConfigError
 from disttrain.data.shards import DataError
+from disttrain.runtime.exits import PREEMPTED_EXIT_CODE, USAGE_ERROR_EXIT_CODE, record_exit
 from disttrain.runtime.loop import NonFiniteLossError, TrainLoop
-from disttrain.runtime.run import PREEMPTED_EXIT_CODE, Run, read_status, start_run
+from disttrain.runtime.run import Run, read_status, start_run
 
-__all__ = ["PREEMPTED_EXIT_CODE", "NonFiniteLossError", "Run", "TrainLoop", "entrypoint", "read_status",
-           "start_run"]
-
-USAGE_ERROR_EXIT_CODE = 2
+__all__ = ["PREEMPTED_EXIT_CODE", "USAGE_ERROR_EXIT_CODE", "NonFiniteLossError", "Run", "TrainLoop", "entrypoint",
+           "read_status", "start_run"]
 
 
 def entrypoint(main: Callable[[list[str]], None]) -> None:
-    """Run a recipe's main(argv); a bad config or dataset is one clear line (rank 0), exit code 2."""
+    """Run a recipe's main(argv) and exit with a code its caller can act on (disttrain.runtime.exits):
+    a bad config or dataset is one clear line (rank 0) and exit code 2; a saved stop is 75."""
     try:
         main(sys.argv[1:])
     except (ConfigError, DataError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
+        record_exit(USAGE_ERROR_EXIT_CODE, str(err))
         sys.exit(USAGE_ERROR_EXIT_CODE)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        record_exit(code)
+        raise
+    except BaseException as err:
+        record_exit(1, f"{type(err).__name__}: {err}")
+        raise
+    record_exit(0)

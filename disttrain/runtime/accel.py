@@ -80,8 +80,11 @@ def build_accelerator(runtime: RuntimeConfig, batch: BatchConfig | None) -> Acce
         raise ConfigError("runtime.precision=fp16 needs a CUDA device; on CPU use fp32 or bf16")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accum = batch.grad_accum_steps(world_size) if batch is not None else 1  # ConfigError before any work
-    # a backend named for a single process would make accelerate look for a process group that is never made
-    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    # the watchdog (runtime.stall_timeout_minutes) ends a stalled run first, naming the rank; the
+    # process group's own timeout is the backstop. A backend named for a single process would make
+    # accelerate look for a process group that is never made.
+    timeout = timedelta(minutes=max(30.0, runtime.stall_timeout_minutes + 5))
+    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)
                 ] if world_size > 1 else []
     deepspeed_autocast = strategy == "deepspeed" and runtime.precision == "bf16"  # Run.autocast does it
     kwargs: dict = dict(

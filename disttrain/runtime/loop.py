@@ -4,8 +4,10 @@ A recipe hands over a step function `step_fn(batch) -> {"loss": tensor, **logs}`
 `loader_for_epoch(epoch, skip_batches)` that yields micro-batches in a deterministic
 order; the loop does the rest: gradient accumulation, clipping, a guard against
 non-finite losses and gradients, optimizer and LR schedule steps, the EMA of weights,
-periodic evaluation, checkpoints (periodic, on pre-emption signals, at the end), rank-0
-progress bar and metrics reduced across ranks once per log interval.
+periodic evaluation, checkpoints (periodic, on pre-emption signals, at the end -- the final
+one before the final evaluation, so a failing evaluation never costs the training), rank-0
+progress bar, metrics reduced across ranks once per log interval, and the data counters
+(damaged samples) summed over ranks and checked against `data.max_bad_fraction`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from disttrain.data.stream import check_damage
 from disttrain.runtime.report import write_history
 from disttrain.runtime.run import Run
 from disttrain.runtime.stats import Stats, Throughput, any_rank, sum_over_ranks
@@ -67,7 +70,9 @@ def total_steps(batches_per_epoch: int, grad_accum_steps: int, num_epochs: int, 
 class TrainLoop:
     def __init__(self, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
                  scheduler: Any = None, ema: torch.nn.Module | None = None, eval_fn: EvalFn | None = None,
-                 data_counters: CountersFn | None = None):
+                 data_counters: CountersFn | None = None, data_names: dict[str, str] | None = None):
+        """`data_counters()`: this rank's counts of served and damaged samples per stream, a stream's
+        keys prefixed (`outliers_served_samples`); `data_names` names each prefix's data in errors."""
         self.run = run
         self.acc = run.accelerator
         self.model = model
@@ -77,6 +82,10 @@ class TrainLoop:
         self.step_fn = step_fn
         self.eval_fn = eval_fn
         self.data_counters = data_counters  # e.g. damaged samples skipped by the readers; summed over ranks
+        self.data_totals: dict[str, float] = {}  # the last sum over ranks
+        self.data_names = data_names or {}
+        data_cfg = getattr(run.cfg, "data", None)
+        self.max_bad_fraction = getattr(data_cfg, "max_bad_fraction", 1.0)
         self.cfg = run.cfg.runtime
         self.state = LoopState()
         self.stats = Stats(run.device)
@@ -85,7 +94,7 @@ class TrainLoop:
         self.history: list[dict[str, float]] = []
         self._window_bad = False  # a non-finite loss in the current accumulation window
         self._engine_skipped = 0  # DeepSpeed's count of the steps it skipped, as last seen
-        run.register(scheduler, ema, self.state)
+        run.register(loop=self.state, scheduler=scheduler, ema=ema)
 
     # -- one optimizer step -------------------------------------------------------------------
 
@@ -191,17 +200,21 @@ class TrainLoop:
         if max_steps > 0:
             num_epochs = math.ceil(total / steps_per_epoch)
         self._started = time.perf_counter()
+        self.run.progress("resume")
         self.run.resume()
         self._engine_skipped = getattr(self.model, "skipped_steps", 0)  # restored with the engine's state
         bar = tqdm(total=total, initial=self.state.step, disable=not (self.run.is_main and self.cfg.progress_bar),
                    desc=self.run.stage, dynamic_ncols=True, mininterval=1.0)
         self.model.train()
         while self.state.step < total and self.state.epoch < num_epochs:
+            self.run.progress("data", self.state.step)
             loader = iter(loader_for_epoch(self.state.epoch, self.state.batch_in_epoch))
             while self.state.batch_in_epoch < steps_per_epoch * accum and self.state.step < total:
                 t0 = time.perf_counter()
+                self.run.progress("data")
                 batch = next(loader)
                 wait = time.perf_counter() - t0
+                self.run.progress("step")
                 stepped = self._micro_step(batch)
                 n = _batch_size(batch)
                 self.state.batch_in_epoch += 1
@@ -212,12 +225,16 @@ class TrainLoop:
             if self.state.batch_in_epoch >= steps_per_epoch * accum:
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
-                if self.cfg.eval_every == 0:
+                if self.cfg.eval_every == 0 and self.state.step < total:  # the last one comes after the save
                     self._evaluate()
         bar.close()
+        self._count_data()
+        # the final state is on disk before the final evaluation: if that fails (a damaged test
+        # image, a crash), resuming skips straight to it instead of training again
+        final = self._save(final=True)
         if not self.last_eval or self.last_eval.get("step") != self.state.step:
             self._evaluate()
-        self._save(final=True)
+            self.run.checkpoints.update_meta(final, {"last_eval": self.last_eval})
         if self.run.is_main:
             for path in write_history(self.history, self.run.run_dir / "report"):
                 self.run.save_artifact(path, "report")
@@ -228,10 +245,26 @@ class TrainLoop:
         """What a training stage reports at the end: the last evaluation, steps, throughput."""
         throughput = [h["perf/samples_per_s"] for h in self.history]
         evals = {k: v for k, v in result.items() if k.startswith("eval/")}
+        data = {f"data/{name}": int(value) for name, value in self.data_totals.items()}
         return {**evals, "step": result["step"],
                 "images_per_s": sum(throughput) / len(throughput) if throughput else float("nan"),
                 "world_size": self.run.world_size, "wall_clock_s": time.perf_counter() - self._started,
-                "skipped_steps": result["skipped_steps"], "replicas_identical": result["replicas_identical"], **extra}
+                "skipped_steps": result["skipped_steps"], "replicas_identical": result["replicas_identical"],
+                **data, **extra}
+
+    def _count_data(self) -> dict[str, float]:
+        """The data counters summed over ranks (a collective: every rank calls it at the same step);
+        stops the run past data.max_bad_fraction of damaged samples in any stream."""
+        if self.data_counters is None:
+            return {}
+        self.data_totals = sum_over_ranks(self.data_counters(), self.run.device)
+        self.run.update_status(step=self.state.step, data={k: int(v) for k, v in self.data_totals.items()})
+        for prefix in sorted({name[: -len("served_samples")] for name in self.data_totals
+                              if name.endswith("served_samples")}):
+            stream = {name[len(prefix):]: value for name, value in self.data_totals.items() if name.startswith(prefix)}
+            check_damage(stream, self.max_bad_fraction,
+                         self.data_names.get(prefix) or prefix.rstrip("_") or "the training data")
+        return self.data_totals
 
     def _after_step(self, bar: tqdm, total: int, steps_per_epoch: int) -> None:
         state = self.state
@@ -245,9 +278,9 @@ class TrainLoop:
             metrics = {**self.stats.reduce(), **self.perf.reduce(),
                        "train/lr": self.optimizer.param_groups[0]["lr"],
                        "train/epoch": state.step / steps_per_epoch, "train/skipped_steps": state.skipped_steps}
-            if self.data_counters is not None:
-                counts = sum_over_ranks(self.data_counters(), self.run.device)
-                metrics.update({f"data/{name}": value for name, value in counts.items()})
+            metrics.update({f"data/{name}": value for name, value in self._count_data().items()})
+            if self.data_counters is None:
+                self.run.update_status(step=state.step)
             self.run.log(metrics, state.step)
             self.history.append({"step": state.step, **metrics})
             bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
@@ -266,6 +299,7 @@ class TrainLoop:
     def _evaluate(self) -> None:
         if self.eval_fn is None:
             return
+        self.run.progress("eval", self.state.step)
         self.model.eval()
         with torch.no_grad():
             metrics = self.eval_fn()
@@ -277,5 +311,8 @@ class TrainLoop:
         self.run.print(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _save(self, final: bool = False):
+        self.run.progress("checkpoint wait", self.state.step)
         meta = {"epoch": self.state.epoch, "final": final, "last_eval": self.last_eval}
-        return self.run.checkpoints.save(self.state.step, meta)
+        path = self.run.checkpoints.save(self.state.step, meta)
+        self.run.progress("step", self.state.step)
+        return path

@@ -6,16 +6,18 @@
     run.finish({"acc1": ...})            # status.json, summary, final artifacts
 
 The run dir is self-describing: `config.json`, `run.json` (stage, MLflow run id, world
-size), `status.json` (running / preempted / failed / finished), `checkpoints/`,
-`tracking/metrics.jsonl`, and what the stage produces (`model/`, tables, plots).
+size), `status.json` (running with a heartbeat / preempted / stalled / failed / finished),
+`checkpoints/`, `tracking/metrics.jsonl`, and what the stage produces (`model/`, tables,
+plots). One run at a time holds a run dir (`.lock`, see `disttrain.runtime.liveness`); a
+watchdog thread ends a run whose ranks stall or whose launcher died, resumably.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -30,29 +32,12 @@ from disttrain import files
 from disttrain.config import ConfigError
 from disttrain.runtime.accel import build_accelerator, resolve_strategy
 from disttrain.runtime.checkpoint import META, Checkpointer, complete_checkpoints
+from disttrain.runtime.exits import PREEMPTED_EXIT_CODE
+from disttrain.runtime.liveness import (RunLock, StatusFile, StopRequested, Watchdog, launched_by_a_launcher,
+                                        read_status)
 from disttrain.runtime.tracking import PARENT_ENV, NullTracker, Tracker
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: state saved, run the same command again to continue
-
-
-class StopRequested:
-    """Set by SIGTERM / SIGUSR1 (Slurm pre-emption); the loop checks it between steps."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signal = signum
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-
-def read_status(run_dir: str | os.PathLike) -> dict:
-    path = Path(run_dir) / "status.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+__all__ = ["PREEMPTED_EXIT_CODE", "Run", "read_status", "start_run"]
 
 
 class Run:
@@ -73,16 +58,26 @@ class Run:
                               f"{self.strategy}{f' ZeRO-{self.zero_stage}' if self.zero_stage else ''} does not "
                               f"keep; use ddp, or deepspeed with runtime.zero_stage 1 or 2")
         self.run_dir = Path(cfg.run_dir).resolve()
+        runtime = cfg.runtime
+        self.lock = RunLock(self.run_dir, runtime.heartbeat_seconds)
+        self._closed = False
         self._prepare_run_dir()
         self._save_config()
-        set_seed(cfg.runtime.seed)  # identical on every rank until `prepare`: same initial weights
+        set_seed(runtime.seed)  # identical on every rank until `prepare`: same initial weights
         ckpt = getattr(cfg, "checkpoint", None)  # absent for stages without state worth resuming
         self.checkpoints = Checkpointer(self.accelerator, self.run_dir, ckpt.keep_last, ckpt.every_steps,
-                                        ckpt.every_minutes) if ckpt is not None else None
+                                        ckpt.every_minutes, progress=self.progress) if ckpt is not None else None
         self.resume_from = self._resume_target()
         self.stop = StopRequested()
+        self.status = StatusFile(self.run_dir, self.stage, self.is_main, runtime.heartbeat_seconds)
         self.tracker = self._start_tracking()
-        self._status("running")
+        self.status.set("running")
+        self.watchdog = Watchdog(
+            run_dir=self.run_dir, rank=self.rank, world_size=self.world_size, status=self.status, stop=self.stop,
+            stall_timeout_s=runtime.stall_timeout_minutes * 60, heartbeat_s=runtime.heartbeat_seconds,
+            stop_grace_s=runtime.stop_grace_seconds, watch_launcher=launched_by_a_launcher(),
+            latest_checkpoint=lambda: self.checkpoints.latest() if self.checkpoints else None,
+            on_end=self._ended_by_watchdog)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -115,11 +110,36 @@ class Run:
         except OSError as err:
             raise ConfigError(f"run_dir={str(self.run_dir)!r} is not writable ({err.strerror or err}); "
                               f"pass run_dir=<a writable directory>") from None
+        self._lock_run_dir()
         has_state = complete_checkpoints(self.run_dir / "checkpoints") or (self.run_dir / "run.json").exists()
         if has_state and getattr(self.cfg, "checkpoint", None) and self.cfg.checkpoint.resume == "never":
             raise ConfigError(f"run_dir={str(self.run_dir)!r} already holds a run and checkpoint.resume=never "
                               f"would overwrite it; pick a new run_dir, or resume=auto to continue it")
         self.accelerator.wait_for_everyone()
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run dir's lock before anything is written into it; every rank learns the
+        outcome, so a refusal stops all of them (no collective left waiting)."""
+        outcome: tuple[str, str] = ("", "")
+        if self.is_main:
+            try:
+                outcome = ("ok", self.lock.acquire())
+                atexit.register(self.lock.release)
+            except ConfigError as err:
+                outcome = ("refused", str(err))
+        outcome = self.broadcast(outcome)
+        if outcome[0] == "refused":
+            raise ConfigError(outcome[1])
+        if outcome[1]:
+            self.print(outcome[1])
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (a small picklable value, sent over the process group)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _save_config(self) -> None:
         if not self.is_main:
@@ -135,14 +155,23 @@ class Run:
         config_lib.save(self.cfg, path)
 
     def _resume_target(self) -> Path | None:
+        """The checkpoint to resume from: rank 0 verifies the candidates' checksums (a damaged newest
+        one is skipped, named), every rank gets its choice."""
         if self.checkpoints is None:
             return None
-        choice = self.cfg.checkpoint.resume
-        if choice == "never":
-            return None
-        if choice == "auto":
-            return self.checkpoints.latest()
-        return Path(choice)  # checked in _prepare_run_dir
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                path, notes = self.checkpoints.choose(self.cfg.checkpoint.resume)
+                for note in notes:
+                    print(note, flush=True)
+                outcome = ("ok", str(path) if path else None)
+            except ValueError as err:
+                outcome = ("refused", str(err))
+        outcome = self.broadcast(outcome)
+        if outcome[0] == "refused":
+            raise ConfigError(outcome[1])
+        return Path(outcome[1]) if outcome[1] else None
 
     def _start_tracking(self) -> NullTracker:
         if not self.is_main:
@@ -155,13 +184,11 @@ class Run:
         tracker = Tracker(self.run_dir / "tracking", self.cfg.tracking.experiment, name, parent_run_id=parent,
                           resume_run_id=resume_id, tags={"disttrain.stage": self.stage,
                                                          "disttrain.run_dir": str(self.run_dir)},
-                          use_mlflow=self.cfg.tracking.enabled)
-        if not tracker.online and resume_id:
-            tracker.run_id = resume_id
+                          use_mlflow=self.cfg.tracking.enabled, resuming=self.resume_from is not None)
         config_path = self.run_dir / "config.json"
         params = {**config_lib.to_dict(self.cfg), "resolved.world_size": self.world_size,
                   "resolved.grad_accum_steps": self.grad_accum_steps, "resolved.strategy": self.strategy}
-        if not resume_id:
+        if self.resume_from is None:  # a resumed stage's run has them (a changed value would be refused)
             tracker.log_params(params)
         tracker.log_artifact(config_path)
         info.update(stage=self.stage, mlflow_run_id=tracker.run_id, parent_run_id=parent,
@@ -192,11 +219,22 @@ class Run:
         set_seed(self.cfg.runtime.seed + 1000 * self.rank)  # from here on each rank has its own stream
         return out
 
-    def register(self, *objects: Any) -> None:
-        """Objects with state_dict/load_state_dict that go into every checkpoint."""
-        for obj in objects:
-            if obj is not None:
-                self.accelerator.register_for_checkpointing(obj)
+    def register(self, **states: Any) -> None:
+        """Objects with state_dict/load_state_dict that go into every checkpoint, by name, stored as
+        JSON + safetensors (never pickled): the loop's counters, the LR schedule, the EMA, ..."""
+        for name, obj in states.items():
+            if obj is not None and self.checkpoints is not None:
+                self.checkpoints.register(name, obj)
+
+    def progress(self, phase: str, step: int | None = None) -> None:
+        """Tell the watchdog this rank is alive and what it does (data, step, eval, checkpoint, ...)."""
+        watchdog = getattr(self, "watchdog", None)  # none yet while the run is being set up
+        if watchdog is not None:
+            watchdog.progress(phase, step)
+
+    def update_status(self, **fields: Any) -> None:
+        """Fields of status.json while running (the step, data counters), written with the heartbeat."""
+        self.status.update(**fields)
 
     def resume(self) -> dict | None:
         """Load the checkpoint chosen at start (after prepare/register); None for a fresh run."""
@@ -227,6 +265,7 @@ class Run:
         outputs, last = [], None
         with torch.no_grad(), self.autocast():
             for batch in loader:
+                self.progress("eval")
                 outputs.append(fn(batch))
                 last = batch
             if self.params_sharded and last is not None:
@@ -266,16 +305,36 @@ class Run:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> bool:
-        if exc is not None and not isinstance(exc, SystemExit):
+        """Whatever ends the stage leaves status.json and the MLflow run saying so (never 'running')."""
+        if self._closed or exc is None:
+            return False
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            self._close()
+        elif isinstance(exc, KeyboardInterrupt):
+            self.status.set("killed", error="interrupted (Ctrl-C)")
+            self.tracker.finish("KILLED")
+            self._close()
+        else:
             self.failed(exc)
         return False
 
     # -- the end ------------------------------------------------------------------------------
 
-    def _status(self, state: str, **extra: Any) -> None:
+    def _close(self) -> None:
+        """Stop the watchdog and give up the run dir (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.watchdog.close()
         if self.is_main:
-            files.write_json(self.run_dir / "status.json", {"state": state, "stage": self.stage,
-                                                       "time": time.time(), **extra})
+            self.lock.release()
+
+    def _ended_by_watchdog(self, state: str) -> None:
+        """The watchdog ends this process (a stall, or a stop that reached no step boundary)."""
+        self.tracker.set_tags({"disttrain.ended": state})
+        self.tracker.finish("KILLED")
+        if self.is_main:
+            self.lock.release()
 
     def save_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.tracker.log_artifact(path, artifact_path)
@@ -306,9 +365,11 @@ class Run:
                 ema_state = ema.module.state_dict()
                 save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
             files.write_json(tmp / "model.json", {**(info or {}), "stage": self.stage, "ema": ema is not None})
+            files.fsync_tree(tmp)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
+            files.fsync_dir(self.run_dir)
             self.tracker.log_artifact(out / "model.json", "model")
         self.accelerator.wait_for_everyone()
         return out
@@ -334,24 +395,30 @@ class Run:
             files.write_json(self.run_dir / "summary.json", summary)
             self.tracker.log_artifact(self.run_dir / "summary.json")
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-        self._status("finished", **{**numbers, "step": step})
+        self.status.set("finished", **{**numbers, "step": step})
         self.tracker.finish("FINISHED")
+        self.progress("finish")
         self.accelerator.wait_for_everyone()
+        self._close()
         self.accelerator.end_training()
 
     def preempted(self, step: int, checkpoint: Path) -> None:
         """State is saved; leave with the exit code that tells a scheduler to run us again."""
-        self._status("preempted", step=step, checkpoint=str(checkpoint))
+        self.status.set("preempted", step=step, checkpoint=str(checkpoint), reason=self.stop.describe())
         self.tracker.set_tags({"disttrain.preempted_at_step": str(step)})
         self.tracker.finish("KILLED")
-        self.print(f"stopped by signal {self.stop.signal} at step {step}; checkpoint {checkpoint}; "
+        self.print(f"stopped by {self.stop.describe()} at step {step}; checkpoint {checkpoint}; "
                    f"run the same command again (checkpoint.resume=auto) to continue")
+        self.progress("finish")
         self.accelerator.wait_for_everyone()
+        self._close()
         sys.exit(PREEMPTED_EXIT_CODE)
 
     def failed(self, error: BaseException) -> None:
-        self._status("failed", error=f"{type(error).__name__}: {error}")
+        detail = f"exit code {error.code}" if isinstance(error, SystemExit) else f"{type(error).__name__}: {error}"
+        self.status.set("failed", error=detail)
         self.tracker.finish("FAILED")
+        self._close()
 
 
 def start_run(cfg: Any) -> Run:

@@ -30,8 +30,14 @@ def build_saved_architecture(card: dict[str, Any]) -> torch.nn.Module:
     `num_outputs` (the ID classes plus, e.g., CMG-softmax's OOD class) or `num_classes`."""
     from disttrain.models.classifier import build_classifier
 
-    model_cfg = ModelConfig(name=card["model"], small_input_stem=bool(card.get("small_input_stem", False)))
+    model_cfg = ModelConfig(name=card["model"], stem=card_stem(card))
     return build_classifier(model_cfg, int(card.get("num_outputs", card["num_classes"])), card["image_size"])
+
+
+def card_stem(card: dict[str, Any]) -> str:
+    """The model.stem a saved classifier was built with; cards written before model.stem existed
+    say `small_input_stem` (true: the small stem)."""
+    return card.get("stem") or ("small" if card.get("small_input_stem") else "imagenet")
 
 
 def load_saved_classifier(run_dir: str | Path, use_ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -1,32 +1,49 @@
-"""MLflow tracking that never stops training.
+"""MLflow tracking that never stops training, and `disttrain mlflow-sync` to complete it later.
 
-Only rank 0 builds a `Tracker`; every other rank gets a `NullTracker`. With
-`tracking.enabled=false` the tracker keeps the local record and never contacts MLflow. Every metric is
-first appended to `<run_dir>/tracking/metrics.jsonl` (the local record), then sent to
-MLflow. If MLflow cannot be reached -- at start or mid-run -- the tracker warns once,
-says where the local record is, and goes on offline; `disttrain mlflow-sync <run_dir>`
-replays the record into MLflow later.
+Only rank 0 builds a `Tracker`; other ranks get a `NullTracker`. With `tracking.enabled=false`
+the tracker keeps the local record and never contacts MLflow.
 
-With nothing configured MLflow 3 uses `sqlite:///mlflow.db` (+ `./mlruns` for artifacts)
-in the working directory; `MLFLOW_TRACKING_URI` points at a server. A pipeline is one
-parent run (`start_pipeline`) whose id the stages receive through
-`tracking.parent_run_id=` or `DISTTRAIN_PARENT_RUN_ID`; each stage is a nested run.
+- Every event is first appended to `<run_dir>/tracking/metrics.jsonl` (the record), then sent.
+  If MLflow cannot be reached, at start or mid-run, the tracker warns once and goes on offline.
+- `tracking/sync.json` = `{"run_id": ..., "synced": N}`: the record's first N lines are in MLflow.
+  The online tracker moves N after each log call that succeeded; offline, never.
+- One MLflow run per run dir: the one sync.json names, else run.json's `mlflow_run_id`, else the
+  record's first start event with a run id. Every process of the stage appends to the record and
+  continues that run; if none reached MLflow, the first start event that does makes the run (with
+  that process's name, tags and parent run).
+- `disttrain mlflow-sync <run_dir>` (`sync`) sends lines N.. in order, metrics with their recorded
+  steps and timestamps, moving N after each call: a second sync sends nothing, one cut short goes
+  on. It refuses while the stage is alive (its tracker owns N). A process of the stage that reaches
+  MLflow sends what earlier ones left undelivered the same way, before its own events.
+
+A record written before sync.json existed is synced from line 0 into its run: what the old tracker
+delivered is sent again; a metric may then appear twice (MLflow's SQL stores drop only a row
+identical in value, step and timestamp).
+
+With nothing configured MLflow 3 uses `sqlite:///mlflow.db` (+ `./mlruns` for artifacts) in the
+working directory; `MLFLOW_TRACKING_URI` points at a server. A pipeline is one parent run
+(`start_pipeline`) whose id the stages receive through `tracking.parent_run_id=` or
+`DISTTRAIN_PARENT_RUN_ID`; each stage is a nested run.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from disttrain import files
 
 PARENT_ENV = "DISTTRAIN_PARENT_RUN_ID"
 _MAX_PARAM_LEN = 6000
+_MAX_BATCH_METRICS = 1000  # MLflow's log_batch limits
+_MAX_BATCH_PARAMS = 100  # params, and tags
+
+Event = dict[str, Any]  # one line of the record
 
 
 def _quick_http_failure() -> None:
@@ -34,6 +51,169 @@ def _quick_http_failure() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+# --------------------------------------------------------------------------- the record and its watermark
+
+
+def _read_record(path: Path) -> list[Event | None]:
+    """The record's events, one per line; None for a line that is not one (cut short by a crash)."""
+    events: list[Event | None] = []
+    for line in path.read_bytes().split(b"\n")[:-1]:  # after the last newline: a line still being written
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        events.append(entry if isinstance(entry, dict) and "event" in entry else None)
+    return events
+
+
+def _load_state(tracking_dir: Path, events: list[Event | None], run_id: str = "") -> dict[str, Any]:
+    """sync.json (nothing delivered if there is none, or it is unreadable), with the run dir's run
+    filled in when it names none: `run_id` if given, else run.json's, else the record's."""
+    try:
+        state = json.loads((tracking_dir / "sync.json").read_text())
+    except (OSError, ValueError):
+        state = {"run_id": "", "synced": 0}
+    info_path = tracking_dir.parent / "run.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    recorded = [e["run_id"] for e in events if e and e["event"] == "start" and e.get("run_id")]
+    state["run_id"] = state["run_id"] or run_id or info.get("mlflow_run_id") or (recorded[0] if recorded else "")
+    return state
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", flush=True)
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _metrics_batch_end(events: list[Event | None], first: int, stop: int) -> int:
+    """Where the metrics events from line `first` on stop, or would not fit in one log_batch."""
+    end, count = first, 0
+    while end < stop and events[end] and events[end]["event"] == "metrics":
+        count += len(events[end]["metrics"])
+        if count > _MAX_BATCH_METRICS and end > first:
+            break
+        end += 1
+    return end
+
+
+class _Sender:
+    """Sends record events into the run dir's run, one method per event kind, and keeps the
+    watermark: the first `synced` lines are in MLflow; `save` writes it to sync.json."""
+
+    def __init__(self, client: Any, tracking_dir: Path, state: dict[str, Any]):
+        self.client = client
+        self.run_dir = tracking_dir.parent
+        self.sync_file = tracking_dir / "sync.json"
+        self.run_id: str = state["run_id"]
+        self.synced: int = state["synced"]
+
+    def save(self) -> None:
+        files.write_json(self.sync_file, {"run_id": self.run_id, "synced": self.synced})
+
+    def send_from_watermark(self, events: list[Event | None], stop: int) -> None:
+        """Send lines [synced, stop) in order, consecutive metrics in one batch, moving the
+        watermark after each call that succeeded."""
+        if self.run_id:
+            self.check_run()
+        while self.synced < stop:
+            end = _metrics_batch_end(events, self.synced, stop)
+            if end > self.synced:  # metrics lines, as many as one call takes
+                self._metrics(events[self.synced:end])
+            else:
+                end = self.synced + 1
+                if events[self.synced] is not None:  # None: a line cut short by a crash
+                    self.send(self.synced, events[self.synced])
+            self.synced = end
+            self.save()
+
+    def send(self, index: int, entry: Event) -> None:
+        senders = {"start": self._start, "params": self._params, "tags": self._tags, "artifact": self._artifact,
+                   "finish": self._finish}
+        if entry["event"] == "metrics":
+            self._metrics([entry])
+        elif entry["event"] in senders:
+            senders[entry["event"]](index, entry)
+        else:
+            _note(f"line {index + 1}: unknown event {entry['event']!r}, not sent")
+
+    def check_run(self) -> None:
+        """A clear error, before anything is sent, if the run is not in this store."""
+        from mlflow.exceptions import MlflowException
+
+        from disttrain.data.shards import DataError
+
+        run, store = f"MLflow run {self.run_id} of {self.run_dir}", f"the tracking store {self.client.tracking_uri}"
+        try:
+            deleted = self.client.get_run(self.run_id).info.lifecycle_stage == "deleted"
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise DataError(f"{run} is not in {store}: it was deleted for good, or it lives in another store; "
+                            f"point MLFLOW_TRACKING_URI at the store it was created in") from None
+        if deleted:
+            raise DataError(f"{run} was deleted from {store}; `mlflow runs restore --run-id {self.run_id}` to sync")
+
+    # -- one method per event kind --------------------------------------------------------------
+
+    def _start(self, _index: int, entry: Event) -> None:
+        if self.run_id:  # a process of the stage began (again): the run goes on
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        # the stage never reached MLflow: make the run it would have made
+        exp = self.client.get_experiment_by_name(entry["experiment"])
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(entry["experiment"])
+        tags = {k: str(v) for k, v in (entry.get("tags") or {}).items()}
+        if entry.get("parent_run_id"):
+            tags["mlflow.parentRunId"] = entry["parent_run_id"]
+        self.run_id = self.client.create_run(exp_id, start_time=int(entry["time"] * 1000), tags=tags,
+                                             run_name=entry["run_name"]).info.run_id
+        self.save()  # at once: a sync cut short from here on must not make a second run
+
+    def _params(self, index: int, entry: Event) -> None:
+        from mlflow.entities import Param
+
+        # MLflow keeps a param's first value and refuses another (a stage started again with a
+        # changed config): leave those out rather than stall every sync to come
+        logged = self.client.get_run(self.run_id).data.params
+        params = {k: str(v)[:_MAX_PARAM_LEN] for k, v in entry["params"].items()}
+        changed = sorted(k for k, v in params.items() if logged.get(k, v) != v)
+        if changed:
+            _note(f"line {index + 1}: params {', '.join(changed)} not sent: the run has other values")
+        items = [Param(k, v) for k, v in sorted(params.items()) if k not in changed]
+        for chunk in _chunks(items, _MAX_BATCH_PARAMS):
+            self.client.log_batch(self.run_id, params=chunk)
+
+    def _metrics(self, entries: list[Event]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, float(v), int(e["time"] * 1000), e["step"])
+                   for e in entries for k, v in e["metrics"].items()]
+        for chunk in _chunks(metrics, _MAX_BATCH_METRICS):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def _tags(self, _index: int, entry: Event) -> None:
+        from mlflow.entities import RunTag
+
+        for chunk in _chunks([RunTag(k, str(v)) for k, v in entry["tags"].items()], _MAX_BATCH_PARAMS):
+            self.client.log_batch(self.run_id, tags=chunk)
+
+    def _artifact(self, index: int, entry: Event) -> None:
+        path = self.run_dir / entry["path"]  # recorded relative to the run dir, which may have moved since
+        if not path.exists():
+            _note(f"line {index + 1}: artifact {path} no longer exists, not sent")
+            return
+        self.client.log_artifact(self.run_id, str(path), entry.get("artifact_path"))
+
+    def _finish(self, _index: int, entry: Event) -> None:
+        self.client.set_terminated(self.run_id, entry.get("status") or "FINISHED", end_time=int(entry["time"] * 1000))
+
+
+# --------------------------------------------------------------------------- trackers
 
 
 class NullTracker:
@@ -50,105 +230,123 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """One MLflow run for one stage, mirrored into a local JSONL record."""
+    """The run dir's MLflow run, mirrored into the record. `resume_run_id` names it where sync.json
+    does not; `resuming` changes nothing: resumed or started again, a stage continues its run dir's run."""
 
     def __init__(self, local_dir: str | os.PathLike, experiment: str, run_name: str,
                  parent_run_id: str = "", resume_run_id: str = "", tags: dict[str, str] | None = None,
-                 use_mlflow: bool = True):
+                 use_mlflow: bool = True, resuming: bool = False):
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.record = self.local_dir / "metrics.jsonl"
-        self.run_id = ""
+        self.uri = ""
         self.online = False
         self._warned = False
-        self._client = None
-        self.uri = ""
+        self._sender: _Sender | None = None
+        # the watchdog thread may tag and finish the run while the main thread logs: line numbers and
+        # N under a lock, never held while MLflow is called; a line delivered before an earlier one
+        # waits in `_done` until that one is delivered too
+        self._lock = threading.Lock()
+        self._done: set[int] = set()
+        events = self._open_record()
+        self._next = len(events)  # the line the next event gets
+        state = _load_state(self.local_dir, events, resume_run_id)
+        self.run_id: str = state["run_id"]
+        start = {"time": time.time(), "event": "start", "run_id": self.run_id, "experiment": experiment,
+                 "run_name": run_name, "parent_run_id": parent_run_id, "tags": dict(tags or {})}
+        self._append(start)
+        events.append(start)
         if use_mlflow:
-            self._connect(experiment, run_name, parent_run_id, resume_run_id, tags)
-        self._write_local({"event": "start", "run_id": self.run_id, "experiment": experiment,
-                           "run_name": run_name, "parent_run_id": parent_run_id})
+            self._connect(events, state)
 
-    def _connect(self, experiment: str, run_name: str, parent_run_id: str, resume_run_id: str,
-                 tags: dict[str, str] | None) -> None:
+    def _open_record(self) -> list[Event | None]:
+        if not self.record.exists():
+            return []
+        data = self.record.read_bytes()
+        if data and not data.endswith(b"\n"):  # a line cut short by a crash stays a line of its own
+            with self.record.open("ab") as f:
+                f.write(b"\n")
+        return _read_record(self.record)
+
+    def _connect(self, events: list[Event | None], state: dict[str, Any]) -> None:
         _quick_http_failure()
+        gap = len(events) - 1 - state["synced"]  # lines earlier processes left undelivered
         try:
             import mlflow
             from mlflow.tracking import MlflowClient
 
             self.uri = mlflow.get_tracking_uri()
-            self._client = MlflowClient(self.uri)
-            if resume_run_id:
-                self.run_id = resume_run_id
-                self._client.update_run(resume_run_id, status="RUNNING")
-            else:
-                exp = self._client.get_experiment_by_name(experiment)
-                exp_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
-                all_tags = dict(tags or {})
-                if parent_run_id:
-                    all_tags["mlflow.parentRunId"] = parent_run_id
-                self.run_id = self._client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+            self._sender = _Sender(MlflowClient(self.uri), self.local_dir, state)
+            self._sender.send_from_watermark(events, len(events))  # the gap first, then this start
             self.online = True
         except Exception as err:  # noqa: BLE001 -- any tracking failure must leave training running
             self._go_offline(err)
+        if self._sender is not None:
+            self.run_id = self._sender.run_id  # made just now, if the stage had none
+        if self.online and gap > 0:
+            print(f"tracking: sent {gap} events recorded while MLflow was unreachable to run {self.run_id}",
+                  flush=True)
 
-    # -- local record -------------------------------------------------------------------------
+    def _append(self, entry: Event) -> int:
+        """Write one event to the record; returns its line number."""
+        line = json.dumps(entry, default=str) + "\n"
+        with self._lock, self.record.open("a") as f:
+            f.write(line)
+            self._next += 1
+            return self._next - 1
 
-    def _write_local(self, entry: dict[str, Any]) -> None:
-        entry = {"time": time.time(), **entry}
-        with self.record.open("a") as f:
-            f.write(json.dumps(entry, default=str) + "\n")
+    def _log(self, event: Event) -> None:
+        entry = {"time": time.time(), **event}  # one clock for the record and MLflow
+        index = self._append(entry)
+        if not self.online:
+            return
+        try:
+            self._sender.send(index, entry)
+        except Exception as err:  # noqa: BLE001
+            self._go_offline(err)
+            return
+        with self._lock:  # line `index` is in MLflow: move N past it and every delivered line after it
+            if self.online:
+                self._done.add(index)
+                while self._sender.synced in self._done:
+                    self._done.remove(self._sender.synced)
+                    self._sender.synced += 1
+                self._sender.save()
 
     def _go_offline(self, err: Exception) -> None:
         self.online = False
         if self._warned:
             return
         self._warned = True
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        where = self.uri or os.environ.get("MLFLOW_TRACKING_URI", "the default local store")
         warnings.warn(
-            f"MLflow tracking at {os.environ.get('MLFLOW_TRACKING_URI', 'the default local store')} failed "
-            f"({reason}); training goes on and metrics are kept in {self.record}. Replay them later "
-            f"with `disttrain mlflow-sync {self.local_dir.parent}`.",
-            RuntimeWarning, stacklevel=3,
+            f"MLflow tracking at {where} failed ({reason}); training goes on and metrics are kept in "
+            f"{self.record}. Send them to MLflow later with `disttrain mlflow-sync {self.local_dir.parent}`.",
+            RuntimeWarning, stacklevel=4,
         )
-
-    def _send(self, fn_name: str, *args: Any, **kwargs: Any) -> None:
-        if not self.online:
-            return
-        try:
-            getattr(self._client, fn_name)(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001
-            self._go_offline(err)
 
     # -- public -------------------------------------------------------------------------------
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        self._write_local({"event": "params", "params": params})
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self._send("log_batch", self.run_id, params=items[i:i + 100])
+        self._log({"event": "params", "params": params})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        self._write_local({"event": "metrics", "step": step, "metrics": metrics})
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._send("log_batch", self.run_id, metrics=batch)
+        self._log({"event": "metrics", "step": step, "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._write_local({"event": "artifact", "path": str(path), "artifact_path": artifact_path})
-        self._send("log_artifact", self.run_id, str(path), artifact_path)
+        path, run_dir = Path(path).resolve(), self.local_dir.parent.resolve()
+        recorded = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
+        self._log({"event": "artifact", "path": str(recorded), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._write_local({"event": "tags", "tags": tags})
-        for key, value in tags.items():
-            self._send("set_tag", self.run_id, key, str(value))
+        self._log({"event": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._write_local({"event": "finish", "status": status})
-        self._send("set_terminated", self.run_id, status)
+        self._log({"event": "finish", "status": status})
+
+
+# --------------------------------------------------------------------------- pipelines
 
 
 def start_pipeline(name: str, experiment: str = "disttrain", tags: dict[str, str] | None = None) -> str:
@@ -182,25 +380,59 @@ def end_pipeline(run_id: str, status: str = "FINISHED") -> dict[str, float]:
     return times
 
 
-def replay(run_dir: str | os.PathLike) -> str:
-    """Send a run dir's local record to MLflow as a new run; returns the new run id."""
-    record = Path(run_dir) / "tracking" / "metrics.jsonl"
-    if not record.exists():
-        raise FileNotFoundError(f"{record} does not exist: is {run_dir} a disttrain run dir?")
-    entries = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
-    start = next(e for e in entries if e["event"] == "start")
-    tracker = Tracker(Path(run_dir) / "tracking" / "replay", start["experiment"],
-                      start["run_name"] + " (replayed)", start.get("parent_run_id") or "")
-    if not tracker.online:
-        raise ConnectionError("MLflow is still unreachable; nothing replayed")
-    for e in entries:
-        if e["event"] == "params":
-            tracker.log_params(e["params"])
-        elif e["event"] == "metrics":
-            tracker.log_metrics(e["metrics"], e["step"])
-        elif e["event"] == "artifact" and Path(e["path"]).exists():
-            tracker.log_artifact(e["path"], e["artifact_path"])
-        elif e["event"] == "tags":
-            tracker.set_tags(e["tags"])
-    tracker.finish()
-    return tracker.run_id
+# --------------------------------------------------------------------------- mlflow-sync
+
+
+class SyncError(RuntimeError):
+    """MLflow failed while `sync` was sending; what was sent is recorded, so running it again goes on."""
+
+
+def sync(run_dir: str | os.PathLike) -> str:
+    """Send a run dir's record from its watermark on to MLflow (MLFLOW_TRACKING_URI's, or the default
+    store); notes are printed, what was done is returned. DataError: no record, the stage still running,
+    a run deleted or not in this store; SyncError: MLflow failed midway."""
+    from mlflow.tracking import MlflowClient
+
+    from disttrain.data.shards import DataError
+    from disttrain.runtime.liveness import read_status, run_report
+
+    run_dir = Path(run_dir)
+    tracking_dir = run_dir / "tracking"
+    record = tracking_dir / "metrics.jsonl"
+    if not record.is_file():
+        raise DataError(f"{record} does not exist: {run_dir} is not a disttrain run dir, or its stage never started")
+    report = run_report(run_dir)
+    if report["state"] == "running" and report.get("alive"):
+        status = read_status(run_dir)
+        raise DataError(f"the stage of {run_dir} is still running (pid {status.get('pid')} on {status.get('host')}: "
+                        f"{report['why']}), and syncing now would race its tracker: run mlflow-sync once it has ended")
+    events = _read_record(record)
+    state = _load_state(tracking_dir, events)
+    if state["synced"] >= len(events):
+        _name_run(run_dir, state["run_id"])
+        return f"{run_dir} is already in sync: its {len(events)} recorded events are in MLflow run {state['run_id']}"
+    _quick_http_failure()
+    client = MlflowClient()
+    sender = _Sender(client, tracking_dir, state)
+    first = sender.synced
+    try:
+        sender.send_from_watermark(events, len(events))
+        status = client.get_run(sender.run_id).info.status
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- anything MLflow raises: say what was done and how to go on
+        first_line = str(err).splitlines()[0][:300] if str(err) else ""
+        raise SyncError(f"MLflow at {client.tracking_uri} failed with {sender.synced - first} of "
+                        f"{len(events) - first} events sent ({type(err).__name__}: {first_line}); what was sent is "
+                        f"recorded in {sender.sync_file}: run `disttrain mlflow-sync {run_dir}` again") from err
+    _name_run(run_dir, sender.run_id)
+    return (f"sent {sender.synced - first} events of {run_dir} to MLflow at {client.tracking_uri}: "
+            f"run {sender.run_id} ({status})")
+
+
+def _name_run(run_dir: Path, run_id: str) -> None:
+    # run.json names the stage's run for the next stage; one that never reached MLflow left it empty
+    info_path = run_dir / "run.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info and run_id and not info.get("mlflow_run_id"):
+        files.write_json(info_path, {**info, "mlflow_run_id": run_id})

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
+import importlib
 import pickle
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -12,12 +15,57 @@ from disttrain.data.layouts.folders import check_labels, listing, read_mat
 from disttrain.data.shards import DataError
 
 
-def _unpickle(path: Path) -> dict[bytes, object]:
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """`_codecs.encode` as pickles written by Python 3 at protocol 0-2 use it for bytes
+    (`_codecs.encode(text, "latin1")`), and for nothing else: any other codec is refused."""
+    if encoding not in ("latin1", "latin-1"):  # compared as written: a codec lookup could import modules
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}: only latin1 rebuilds bytes")
+    return codecs.encode(text, "latin1", errors)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR python batch and nothing else: a pickle names every callable it will call
+    (a "global") before calling it, and `find_class` admits only what these batches hold.
+
+    Containers, numbers, strings and bytes need no global. The globals admitted rebuild numpy
+    arrays: `_reconstruct`, `ndarray`, `dtype` (the original batches, written by Python 2 with
+    numpy 1: `numpy.core.multiarray`; modern numpy at protocol <= 4: `numpy._core.multiarray`),
+    `_frombuffer` (modern numpy at protocol 5), `scalar` (a numpy scalar), and bytes written by
+    Python 3 at protocol 2 (`_codecs.encode`, latin1 only). Any other global, e.g. `os.system`
+    or `builtins.open`, raises DataError naming the file and the global, before anything is called."""
+
+    ALLOWED = frozenset({
+        *((package, name) for package in ("numpy.core.multiarray", "numpy._core.multiarray")
+          for name in ("_reconstruct", "scalar")),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    })
+
+    def __init__(self, file: Any, path: Path):
+        super().__init__(file, encoding="bytes")  # Python 2 str -> bytes: the keys are b"data", b"labels", ...
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Callable[..., Any]:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) not in self.ALLOWED:
+            raise DataError(f"{self.path}: refusing to unpickle: it loads the global {module}.{name}, and a "
+                            f"CIFAR python batch holds only containers, numbers, strings, bytes and numpy arrays "
+                            f"(a file from disk is never unpickled with the general unpickler)")
+        return getattr(importlib.import_module(module), name)  # as named: no Python 2 name mapping
+
+
+def _unpickle(path: Path) -> dict[bytes, Any]:
     with path.open("rb") as f:
         try:
-            return pickle.load(f, encoding="bytes")
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            batch = _CifarUnpickler(f, path).load()
+        except DataError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, ImportError, AttributeError) as err:
             raise DataError(f"cannot read {path} as a CIFAR python batch: {err}") from err
+    if not isinstance(batch, dict):
+        raise DataError(f"cannot read {path} as a CIFAR python batch: it holds a {type(batch).__name__}, not a dict")
+    return batch
 
 
 def _array_records(split: str, pixels: np.ndarray, labels: list[int], classes: list[str],
