@@ -42,13 +42,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from disttrain import files
 from disttrain.data.tarindex import (ShardFiles, SplitIndex, build_index, index_name, parse_sample, scan_shard,
                                      write_index)
+from disttrain.errors import DataError  # defined with ConfigError; imported from here by the data layer
 
 MANIFEST = "manifest.json"
 FORMAT = "disttrain-shards/1"
-
-
-class DataError(ValueError):
-    """Missing or malformed data, reported before training starts."""
 
 
 class MissingShardError(DataError):

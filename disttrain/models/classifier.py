@@ -6,14 +6,17 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import timm
 import torch
 from timm.models import split_model_name_tag
 from torch import nn
 
-from disttrain.config import ConfigError, ModelConfig
+from disttrain.errors import ConfigError
+
+if TYPE_CHECKING:  # the model reads a ModelConfig's fields only: no import of the configs at run time
+    from disttrain.config.sections import ModelConfig
 
 
 def check_classifier_config(cfg: ModelConfig, image_size: int) -> None:
