@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from disttrain import config
 from disttrain.config import BenchmarkConfig
 from disttrain.models.classifier import build_classifier
-from disttrain.runtime import TrainLoop, entrypoint, start_run
+from disttrain.runtime import Phase, TrainLoop, entrypoint, start_run
 from disttrain.runtime.optim import build_optimizer
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> None:
             results["bare"].append(bare_repeat())
             return {}
 
-        loop = TrainLoop(run, loop_model, loop_optimizer, step, eval_fn=epoch_end)
+        loop = TrainLoop(run, Phase("train", loop_model, loop_optimizer, step), eval_fn=epoch_end)
         loop.fit(lambda epoch, skip: iter(data[skip:]), batches_per_epoch=per_repeat, num_epochs=cfg.repeats)
 
         # -- report -------------------------------------------------------------------------------

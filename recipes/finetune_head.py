@@ -42,7 +42,7 @@ from disttrain.methods.cmg import CMGEnergy, CMGSoftmax, energy_margins
 from disttrain.methods.outlier_exposure import energy
 from disttrain.models.classifier import (KnownClassLogits, attach_head, build_classifier, check_classifier_config,
                                          split_head, widen_head)
-from disttrain.runtime import TrainLoop, entrypoint, read_status, start_run
+from disttrain.runtime import Phase, TrainLoop, entrypoint, read_status, start_run
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
@@ -189,7 +189,7 @@ def main(argv: list[str]) -> None:
             return {**reader.problems(), **extra_counts}
 
         # -- loop --------------------------------------------------------------------------------
-        loop = TrainLoop(run, trainable, optimizer, train_step, scheduler=scheduler,
+        loop = TrainLoop(run, Phase("train", trainable, optimizer, train_step, scheduler=scheduler),
                          eval_fn=lambda: {"eval/acc1": tester.accuracy(id_classifier())}, data_counters=data_problems,
                          data_names={"": str(train_split.root), "pseudo_": str(pseudo.root) if pseudo else ""})
         result = loop.fit(batches, batches_per_epoch=reader.batches_per_epoch, num_epochs=cfg.train.num_epochs,

@@ -40,7 +40,7 @@ from disttrain.data.stream import OutlierStream, ShardReader
 from disttrain.data.transforms import train_transform
 from disttrain.methods.outlier_exposure import build_objective
 from disttrain.models.classifier import build_classifier, check_classifier_config
-from disttrain.runtime import TrainLoop, entrypoint, start_run
+from disttrain.runtime import Phase, TrainLoop, entrypoint, start_run
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> None:
             return {**reader.problems(), **{f"outliers_{k}": v for k, v in outliers.problems().items()}}
 
         # -- loop ----------------------------------------------------------------------------
-        loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, ema=ema,
+        loop = TrainLoop(run, Phase("train", model, optimizer, train_step, scheduler=scheduler), ema=ema,
                          eval_fn=lambda: tester.metrics(model, ema), data_counters=data_problems,
                          data_names={"": str(train_split.root), "outliers_": str(pool.root)})
         result = loop.fit(batches, batches_per_epoch=reader.batches_per_epoch, num_epochs=cfg.train.num_epochs,

@@ -27,7 +27,7 @@ from disttrain.data.stream import ShardReader
 from disttrain.data.sources import open_source
 from disttrain.data.transforms import train_transform
 from disttrain.models.classifier import build_classifier, check_classifier_config
-from disttrain.runtime import TrainLoop, entrypoint, start_run
+from disttrain.runtime import Phase, TrainLoop, entrypoint, start_run
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.optim import build_optimizer, build_schedule
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
             return {"loss": loss, "acc1": (logits.argmax(1) == labels).float().mean()}
 
         # -- loop ----------------------------------------------------------------------------
-        loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, ema=ema,
+        loop = TrainLoop(run, Phase("train", model, optimizer, train_step, scheduler=scheduler), ema=ema,
                          eval_fn=lambda: tester.metrics(model, ema), data_counters=reader.problems,
                          data_names={"": str(train_split.root)})
         result = loop.fit(reader.loader, batches_per_epoch=reader.batches_per_epoch,

@@ -28,7 +28,7 @@ from disttrain.data.sources import open_source
 from disttrain.data.stream import ShardReader
 from disttrain.data.transforms import generator_transform
 from disttrain.models.cvae import CVAE, cvae_loss
-from disttrain.runtime import TrainLoop, entrypoint, start_run
+from disttrain.runtime import Phase, TrainLoop, entrypoint, start_run
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
 
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
         transform_eval = generator_transform(data.image_size, data.channels, hflip=False)
 
         # -- loop ----------------------------------------------------------------------------
-        loop = TrainLoop(run, model, optimizer, train_step, scheduler=scheduler, eval_fn=test_loss,
+        loop = TrainLoop(run, Phase("train", model, optimizer, train_step, scheduler=scheduler), eval_fn=test_loss,
                          data_counters=reader.problems, data_names={"": str(train_split.root)})
         result = loop.fit(reader.loader, batches_per_epoch=reader.batches_per_epoch,
                           num_epochs=cfg.train.num_epochs, max_steps=cfg.train.max_steps)

@@ -10,7 +10,7 @@ from timm.utils import ModelEmaV3
 
 from disttrain import config
 from disttrain.config import TrainClassifierConfig
-from disttrain.runtime import NonFiniteLossError, TrainLoop, start_run
+from disttrain.runtime import NonFiniteLossError, Phase, TrainLoop, start_run
 from disttrain.runtime.checkpoint import complete_checkpoints
 
 
@@ -52,7 +52,7 @@ def fit(run, step_fn=None, *, ema=None, steps=4):
         x, y = batch
         return {"loss": torch.nn.functional.cross_entropy(model(x), y)}
 
-    loop = TrainLoop(run, model, optimizer, step_fn(model) if step_fn else default_step, ema=ema)
+    loop = TrainLoop(run, Phase("train", model, optimizer, step_fn(model) if step_fn else default_step), ema=ema)
     result = loop.fit(data, batches_per_epoch=8, num_epochs=0, max_steps=steps)
     return model, loop, result
 

@@ -120,7 +120,8 @@ class EvalSource:
             self._counters = DataCounters()  # made here, in the main process, before workers fork
         return _PassLoader(self._counters, self.stream(transform, rank, world_size, self._counters),
                            batch_size=batch_size, num_workers=num_workers, drop_last=False,
-                           worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available())
+                           worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(),
+                           generator=torch.Generator().manual_seed(rank))  # not a draw from the global RNG
 
     def problems(self) -> dict[str, int]:
         """`served_samples`, `corrupt_samples`, `unreadable_samples` of the latest pass over a

@@ -178,9 +178,13 @@ class _StreamBase:
                         f"the split is damaged; run `disttrain shards verify {self.split.root}`)")
 
     def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        # the workers' base seed from a generator of its own: a DataLoader would draw it from the
+        # global RNG, so a resumed run (whose loader starts mid-training) would shift the global
+        # stream the training step draws from (noise, latents, mixup) and not match an uninterrupted run
+        generator = torch.Generator().manual_seed(seed_of(self.seed, "loader", epoch, self.rank))
         return DataLoader(_SlotStream(self, epoch, skip_batches), batch_size=self.batch_size,
                           num_workers=self.num_workers, persistent_workers=False, drop_last=True,
-                          worker_init_fn=ignore_stop_signals,
+                          worker_init_fn=ignore_stop_signals, generator=generator,
                           pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers else None)
 
 

@@ -9,11 +9,11 @@ from typing import Callable
 from disttrain.config import ConfigError
 from disttrain.data.shards import DataError
 from disttrain.runtime.exits import PREEMPTED_EXIT_CODE, USAGE_ERROR_EXIT_CODE, record_exit
-from disttrain.runtime.loop import NonFiniteLossError, TrainLoop
+from disttrain.runtime.loop import Hook, NonFiniteLossError, Phase, TrainLoop, report
 from disttrain.runtime.run import Run, read_status, start_run
 
-__all__ = ["PREEMPTED_EXIT_CODE", "USAGE_ERROR_EXIT_CODE", "NonFiniteLossError", "Run", "TrainLoop", "entrypoint",
-           "read_status", "start_run"]
+__all__ = ["PREEMPTED_EXIT_CODE", "USAGE_ERROR_EXIT_CODE", "Hook", "NonFiniteLossError", "Phase", "Run", "TrainLoop",
+           "entrypoint", "read_status", "report", "start_run"]
 
 
 def entrypoint(main: Callable[[list[str]], None]) -> None:

@@ -1,21 +1,35 @@
 """The one training loop every recipe uses.
 
-A recipe hands over a step function `step_fn(batch) -> {"loss": tensor, **logs}` and a
-`loader_for_epoch(epoch, skip_batches)` that yields micro-batches in a deterministic
-order; the loop does the rest: gradient accumulation, clipping, a guard against
-non-finite losses and gradients, optimizer and LR schedule steps, the EMA of weights,
-periodic evaluation, checkpoints (periodic, on pre-emption signals, at the end -- the final
-one before the final evaluation, so a failing evaluation never costs the training), rank-0
-progress bar, metrics reduced across ranks once per log interval, and the data counters
-(damaged samples) summed over ranks and checked against `data.max_bad_fraction`.
+A recipe hands over its phases and a `loader_for_epoch(epoch, skip_batches)` that yields
+micro-batches in a deterministic order. A phase (`Phase`) is one optimizer's part of an
+optimizer step: the networks it trains, its optimizer and LR schedule, a step function
+`step_fn(batch) -> {"loss": tensor, **logs}`, how often it runs (`every`: lazy
+regularisation every N steps, its loss scaled by N) and its clipping. A classifier is one
+phase; a GAN is a generator phase and a discriminator phase (and their lazy regularisers),
+run in order on the same micro-batches of each optimizer step, as the StyleGAN loops do.
+
+Per optimizer step the loop takes the step's micro-batches (world x micro x accumulation =
+the global batch), then for each due phase: only that phase's networks keep
+`requires_grad` (every other trained network is frozen, and not synchronised, for it); each
+micro-batch is a forward + backward with gradient synchronisation on the last one only;
+then clipping, a guard against non-finite losses and gradients (all ranks agree; stop, or
+skip and count), the optimizer and schedule steps. After the phases: the EMA of weights and
+the registered hooks (`Hook`: state that follows the steps -- an EMA by half-life, an
+augmentation probability, a running mean -- checkpointed with the rest), periodic
+evaluation, checkpoints (periodic, on pre-emption signals, at the end -- the final one
+before the final evaluation, so a failing evaluation never costs the training), rank-0
+progress bar, metrics reduced across ranks once per log interval (with what a loss or a
+hook reports through `report(name, value)`), and the data counters (damaged samples)
+summed over ranks and checked against `data.max_bad_fraction`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +46,51 @@ CountersFn = Callable[[], dict[str, int]]
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+@dataclass
+class Phase:
+    """One optimizer's part of every (or every `every`-th) optimizer step.
+
+    `networks`: the prepared networks this phase trains (the parameters of theirs that were
+    trainable when the loop was made get gradients here; every other network of the loop is
+    frozen for the phase). `grad_clip`: None takes `runtime.grad_clip`."""
+
+    name: str
+    networks: Sequence[torch.nn.Module] | torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step_fn: StepFn
+    scheduler: Any = None
+    every: int = 1  # run on steps 0, N, 2N, ...; the loss is multiplied by N (lazy regularisation)
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        self.networks = [self.networks] if isinstance(self.networks, torch.nn.Module) else list(self.networks)
+        if not self.networks:
+            raise ValueError(f"phase {self.name!r} trains no network")
+        if self.every < 1:
+            raise ValueError(f"phase {self.name!r}: every={self.every} must be >= 1")
+
+
+class Hook(Protocol):
+    """State that follows the optimizer steps (an EMA, an augmentation probability, ...):
+    `after_step(loop)` runs after every optimizer step; its state is checkpointed (JSON +
+    safetensors, see disttrain.runtime.statefile)."""
+
+    def after_step(self, loop: TrainLoop) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+_TRAINING: list[TrainLoop] = []  # the loop training in this process, which report() feeds
+
+
+def report(name: str, value: Any) -> None:
+    """A scalar from anywhere inside a training step (a loss term, a hook), averaged over the log
+    interval and the ranks and logged as `name`, like the step function's outputs. Every rank
+    must report the same names. Outside a training loop it is dropped."""
+    if _TRAINING:
+        _TRAINING[-1].stats.add(name, value)
 
 
 @dataclass
@@ -68,18 +127,26 @@ def total_steps(batches_per_epoch: int, grad_accum_steps: int, num_epochs: int, 
 
 
 class TrainLoop:
-    def __init__(self, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
-                 scheduler: Any = None, ema: torch.nn.Module | None = None, eval_fn: EvalFn | None = None,
+    def __init__(self, run: Run, phases: Phase | Sequence[Phase], *, ema: torch.nn.Module | None = None,
+                 hooks: dict[str, Hook] | None = None, eval_fn: EvalFn | None = None,
                  data_counters: CountersFn | None = None, data_names: dict[str, str] | None = None):
-        """`data_counters()`: this rank's counts of served and damaged samples per stream, a stream's
-        keys prefixed (`outliers_served_samples`); `data_names` names each prefix's data in errors."""
+        """`ema`: a timm ModelEmaV3 of the first phase's first network, updated after every step.
+        `hooks`: named stateful objects run after every step, checkpointed. `data_counters()`:
+        this rank's counts of served and damaged samples per stream, a stream's keys prefixed
+        (`outliers_served_samples`); `data_names` names each prefix's data in errors."""
         self.run = run
         self.acc = run.accelerator
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.phases = [phases] if isinstance(phases, Phase) else list(phases)
+        names = [phase.name for phase in self.phases]
+        if not self.phases or len(set(names)) != len(names):
+            raise ValueError(f"a loop needs one or more phases with distinct names, got {names}")
+        self.networks: list[torch.nn.Module] = []  # every trained network once, in the phases' order
+        for phase in self.phases:
+            self.networks += [net for net in phase.networks if all(net is not seen for seen in self.networks)]
+        self.model = self.networks[0]
+        self._trainable = {id(net): [p for p in net.parameters() if p.requires_grad] for net in self.networks}
         self.ema = ema
-        self.step_fn = step_fn
+        self.hooks = dict(hooks or {})
         self.eval_fn = eval_fn
         self.data_counters = data_counters  # e.g. damaged samples skipped by the readers; summed over ranks
         self.data_totals: dict[str, float] = {}  # the last sum over ranks
@@ -92,52 +159,77 @@ class TrainLoop:
         self.perf = Throughput(run.device, run.world_size)
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        self._window_bad = False  # a non-finite loss in the current accumulation window
         self._engine_skipped = 0  # DeepSpeed's count of the steps it skipped, as last seen
-        run.register(loop=self.state, scheduler=scheduler, ema=ema)
+        self._micro_batch = 0  # the micro-batch of the epoch being stepped (for error messages)
+        schedulers = {("scheduler" if len(self.phases) == 1 else f"scheduler_{phase.name}"): phase.scheduler
+                      for phase in self.phases}
+        run.register(loop=self.state, **schedulers, ema=ema, **{f"hook_{name}": h for name, h in self.hooks.items()})
+
+    def _metric(self, phase: Phase, key: str) -> str:
+        """train/<key> for a one-phase stage, train/<phase>/<key> when there are several."""
+        return f"train/{key}" if len(self.phases) == 1 else f"train/{phase.name}/{key}"
 
     # -- one optimizer step -------------------------------------------------------------------
 
-    def _params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def _params(self, phase: Phase) -> list[torch.nn.Parameter]:
+        return [p for net in phase.networks for p in net.parameters() if p.requires_grad]
 
-    def _micro_step(self, batch: Any) -> bool:
-        """Forward + backward of one micro-batch; True when it closed an optimizer step.
+    def _train_only(self, phase: Phase) -> None:
+        """Gradients for this phase's networks only (the parameters of theirs that were trainable)."""
+        if len(self.networks) == 1:
+            return
+        for net in self.networks:
+            trained = any(net is mine for mine in phase.networks)
+            for p in self._trainable[id(net)]:
+                p.requires_grad_(trained)
 
-        A non-finite loss (on any rank) is replaced by a zero-gradient backward, and the
-        optimizer step of its accumulation window is dropped. Under DeepSpeed, whose engine
-        steps inside backward, the window's finite micro-batches still make their update.
+    def _run_phase(self, phase: Phase, window: list[Any]) -> None:
+        """Forward + backward of the step's micro-batches for one phase, then its optimizer step.
+
+        Gradients are synchronised on the last micro-batch only. A non-finite loss (on any
+        rank) is replaced by a zero-gradient backward, and the phase's optimizer step is
+        dropped. Under DeepSpeed, whose engine steps inside backward, the window's finite
+        micro-batches still make their update.
         """
-        with self.acc.accumulate(self.model):
-            with self.run.autocast():
-                out = self.step_fn(batch)
-            loss = out["loss"]
-            # all ranks must agree before backward: a rank that skipped would hang the others
-            nonfinite, = any_rank([not bool(torch.isfinite(loss.detach()).all())], self.run.device)
-            if nonfinite:
-                self._nonfinite("loss", loss)
-                # a zero-gradient backward keeps DDP buckets and DeepSpeed's micro-step count aligned
-                loss = sum((p * 0.0).sum() for p in self._params())
-                self._window_bad = True
-            else:
-                for key, value in out.items():
-                    self.stats.add(f"train/{key}", value)
-            self.acc.backward(loss)
-            stepped = self.acc.sync_gradients
-            if stepped:
-                grad_ok = self._clip_and_check()
-                if self._window_bad or not grad_ok:
-                    if self.run.strategy != "deepspeed":  # DeepSpeed has stepped inside backward already
-                        self.optimizer.zero_grad(set_to_none=True)
-                    self._skip_step()
+        self._train_only(phase)
+        others = [net for net in self.networks if all(net is not mine for mine in phase.networks)]
+        bad = False
+        first = self.state.batch_in_epoch - len(window)  # the window's first micro-batch in the epoch
+        for index, batch in enumerate(window):
+            self._micro_batch = first + index
+            with self.acc.accumulate(*phase.networks), contextlib.ExitStack() as frozen:
+                for net in others:  # frozen for this phase: no gradient, so nothing to synchronise
+                    frozen.enter_context(self.acc.no_sync(net))
+                with self.run.autocast():
+                    out = phase.step_fn(batch)
+                loss = out["loss"]
+                # all ranks must agree before backward: a rank that skipped would hang the others
+                nonfinite, = any_rank([not bool(torch.isfinite(loss.detach()).all())], self.run.device)
+                if nonfinite:
+                    self._nonfinite(f"loss{self._of(phase)}", loss)
+                    # a zero-gradient backward keeps DDP buckets and DeepSpeed's micro-step count aligned
+                    loss = sum((p * 0.0).sum() for p in self._params(phase))
+                    bad = True
                 else:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state.skipped_in_a_row = 0
-                self._window_bad = False
-        return stepped
+                    for key, value in out.items():
+                        self.stats.add(self._metric(phase, key), value)
+                self.acc.backward(loss * phase.every if phase.every > 1 else loss)
+                if self.acc.sync_gradients:
+                    if bad or not self._clip_and_check(phase):
+                        if self.run.strategy != "deepspeed":  # DeepSpeed has stepped inside backward already
+                            phase.optimizer.zero_grad(set_to_none=True)
+                        self._skip_step(phase)
+                    else:
+                        phase.optimizer.step()
+                        phase.optimizer.zero_grad(set_to_none=True)
+                        self.state.skipped_in_a_row = 0
+                    if phase.scheduler is not None:
+                        phase.scheduler.step()
 
-    def _clip_and_check(self) -> bool:
+    def _of(self, phase: Phase) -> str:
+        return "" if len(self.phases) == 1 else f" of phase {phase.name}"
+
+    def _clip_and_check(self, phase: Phase) -> bool:
         if self.run.strategy == "deepspeed":
             # the engine clips (gradient_clipping in its config) and steps inside backward; it skips a
             # step with non-finite gradients itself and, in fp32/bf16, says nothing: surface it here
@@ -146,23 +238,23 @@ class TrainLoop:
             if fresh:
                 self._nonfinite("gradient (DeepSpeed skipped its optimizer step)", torch.tensor(float("nan")))
             return not fresh
+        clip = self.cfg.grad_clip if phase.grad_clip is None else phase.grad_clip
         # the global grad norm costs a pass over every gradient: pay it when clipping, else only
         # on logging steps (a finite loss with non-finite gradients is rare in fp32)
         logging_step = (self.state.step + 1) % self.cfg.log_every == 0
-        if self.cfg.grad_clip <= 0 and not logging_step:
+        if clip <= 0 and not logging_step:
             return True
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = self.acc.clip_grad_norm_(self._params(), max_norm)
+        norm = self.acc.clip_grad_norm_(self._params(phase), clip if clip > 0 else float("inf"))
         if norm is None:
             return True
-        self.stats.add("train/grad_norm", norm)
+        self.stats.add(self._metric(phase, "grad_norm"), norm)
         finite = bool(torch.isfinite(norm))  # grads are already synced, so every rank agrees
         if not finite:
-            self._nonfinite("gradient norm", norm)
+            self._nonfinite(f"gradient norm{self._of(phase)}", norm)
         return finite
 
     def _nonfinite(self, what: str, value: torch.Tensor) -> None:
-        where = f"step {self.state.step}, epoch {self.state.epoch}, micro-batch {self.state.batch_in_epoch}"
+        where = f"step {self.state.step}, epoch {self.state.epoch}, micro-batch {self._micro_batch}"
         if self.cfg.nonfinite == "stop":
             latest = self.run.checkpoints.latest()
             raise NonFiniteLossError(
@@ -170,11 +262,11 @@ class TrainLoop:
                 f"{latest or 'none'}. Lower optim.lr, set runtime.grad_clip, or runtime.nonfinite=skip to skip "
                 f"such steps")
 
-    def _skip_step(self) -> None:
+    def _skip_step(self, phase: Phase) -> None:
         self.state.skipped_steps += 1
         self.state.skipped_in_a_row += 1
-        self.run.print(f"warning: skipped optimizer step {self.state.step} (non-finite loss or gradient); "
-                       f"{self.state.skipped_steps} skipped so far")
+        self.run.print(f"warning: skipped optimizer step {self.state.step}{self._of(phase)} (non-finite loss or "
+                       f"gradient); {self.state.skipped_steps} skipped so far")
         if self.state.skipped_in_a_row > self.cfg.max_skipped_steps:
             raise NonFiniteLossError(
                 f"{self.state.skipped_in_a_row} optimizer steps in a row were non-finite (limit "
@@ -205,28 +297,12 @@ class TrainLoop:
         self._engine_skipped = getattr(self.model, "skipped_steps", 0)  # restored with the engine's state
         bar = tqdm(total=total, initial=self.state.step, disable=not (self.run.is_main and self.cfg.progress_bar),
                    desc=self.run.stage, dynamic_ncols=True, mininterval=1.0)
-        self.model.train()
-        while self.state.step < total and self.state.epoch < num_epochs:
-            self.run.progress("data", self.state.step)
-            loader = iter(loader_for_epoch(self.state.epoch, self.state.batch_in_epoch))
-            while self.state.batch_in_epoch < steps_per_epoch * accum and self.state.step < total:
-                t0 = time.perf_counter()
-                self.run.progress("data")
-                batch = next(loader)
-                wait = time.perf_counter() - t0
-                self.run.progress("step")
-                stepped = self._micro_step(batch)
-                n = _batch_size(batch)
-                self.state.batch_in_epoch += 1
-                self.state.samples += n * self.run.world_size
-                self.perf.add(n, wait)
-                if stepped:
-                    self._after_step(bar, total, steps_per_epoch)
-            if self.state.batch_in_epoch >= steps_per_epoch * accum:
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-                if self.cfg.eval_every == 0 and self.state.step < total:  # the last one comes after the save
-                    self._evaluate()
+        self._set_train(True)
+        _TRAINING.append(self)
+        try:
+            self._epochs(loader_for_epoch, accum, steps_per_epoch, total, num_epochs, bar)
+        finally:
+            _TRAINING.remove(self)
         bar.close()
         self._count_data()
         # the final state is on disk before the final evaluation: if that fails (a damaged test
@@ -239,7 +315,41 @@ class TrainLoop:
             for path in write_history(self.history, self.run.run_dir / "report"):
                 self.run.save_artifact(path, "report")
         return {**self.last_eval, "step": self.state.step, "skipped_steps": self.state.skipped_steps,
-                "replicas_identical": self.run.check_replicas(self.model)}
+                "replicas_identical": self.run.check_replicas(*self.networks)}
+
+    def _epochs(self, loader_for_epoch: Callable[[int, int], Iterable], accum: int, steps_per_epoch: int,
+                total: int, num_epochs: int, bar: tqdm) -> None:
+        """Whole optimizer steps until `total` or `num_epochs`: each takes `accum` micro-batches
+        and runs every due phase on them."""
+        state = self.state
+        while state.step < total and state.epoch < num_epochs:
+            self.run.progress("data", state.step)
+            loader = iter(loader_for_epoch(state.epoch, state.batch_in_epoch))
+            while state.batch_in_epoch < steps_per_epoch * accum and state.step < total:
+                window = []
+                for _ in range(accum):
+                    t0 = time.perf_counter()
+                    self.run.progress("data")
+                    batch = next(loader)
+                    n = _batch_size(batch)
+                    self.perf.add(n, time.perf_counter() - t0)
+                    state.batch_in_epoch += 1
+                    state.samples += n * self.run.world_size
+                    window.append(batch)
+                self.run.progress("step")
+                for phase in self.phases:
+                    if state.step % phase.every == 0:
+                        self._run_phase(phase, window)
+                self._after_step(bar, total, steps_per_epoch)
+            if state.batch_in_epoch >= steps_per_epoch * accum:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if self.cfg.eval_every == 0 and state.step < total:  # the last one comes after the save
+                    self._evaluate()
+
+    def _set_train(self, mode: bool) -> None:
+        for net in self.networks:
+            net.train(mode)
 
     def summary(self, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
         """What a training stage reports at the end: the last evaluation, steps, throughput."""
@@ -269,25 +379,25 @@ class TrainLoop:
     def _after_step(self, bar: tqdm, total: int, steps_per_epoch: int) -> None:
         state = self.state
         state.step += 1
-        if self.scheduler is not None:
-            self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.acc.unwrap_model(self.model), step=state.step)
+        for hook in self.hooks.values():
+            hook.after_step(self)
         bar.update(1)
         if state.step % self.cfg.log_every == 0 or state.step == total:
             metrics = {**self.stats.reduce(), **self.perf.reduce(),
-                       "train/lr": self.optimizer.param_groups[0]["lr"],
+                       **{self._metric(phase, "lr"): phase.optimizer.param_groups[0]["lr"] for phase in self.phases},
                        "train/epoch": state.step / steps_per_epoch, "train/skipped_steps": state.skipped_steps}
             metrics.update({f"data/{name}": value for name, value in self._count_data().items()})
             if self.data_counters is None:
                 self.run.update_status(step=state.step)
             self.run.log(metrics, state.step)
             self.history.append({"step": state.step, **metrics})
-            bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
-                            img_s=f"{metrics['perf/samples_per_s']:.0f}", refresh=False)
+            losses = " ".join(f"{key[len('train/'):]} {metrics[key]:.4f}"
+                              for key in (self._metric(phase, "loss") for phase in self.phases) if key in metrics)
+            bar.set_postfix_str(f"{losses} img_s {metrics['perf/samples_per_s']:.0f}", refresh=False)
             if not (self.run.is_main and self.cfg.progress_bar):
-                self.run.print(f"step {state.step}/{total} loss {metrics.get('train/loss', float('nan')):.4f} "
-                               f"{metrics['perf/samples_per_s']:.1f} samples/s")
+                self.run.print(f"step {state.step}/{total} {losses} {metrics['perf/samples_per_s']:.1f} samples/s")
         if self.cfg.eval_every and state.step % self.cfg.eval_every == 0:
             self._evaluate()
         stop, time_due = any_rank([bool(self.run.stop), self.run.checkpoints.time_due()], self.run.device)
@@ -300,10 +410,10 @@ class TrainLoop:
         if self.eval_fn is None:
             return
         self.run.progress("eval", self.state.step)
-        self.model.eval()
+        self._set_train(False)
         with torch.no_grad():
             metrics = self.eval_fn()
-        self.model.train()
+        self._set_train(True)
         self.last_eval = {**metrics, "step": self.state.step}
         if not metrics:
             return

@@ -214,7 +214,13 @@ class Run:
         return model.to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def prepare(self, *objects: Any) -> Any:
-        """Wrap what trains (models, optimizers) for the strategy; frozen nets stay outside."""
+        """Wrap what trains (models, optimizers) for the strategy; frozen nets stay outside.
+        Several trained networks work under DDP and FSDP; DeepSpeed is refused for them here
+        (Accelerate drives one engine through `accelerator.backward`)."""
+        trained = sum(isinstance(obj, torch.nn.Module) for obj in objects)
+        if self.strategy == "deepspeed" and trained > 1:
+            raise ConfigError(f"runtime.strategy=deepspeed trains one network per stage here (one engine); this "
+                              f"stage trains {trained}: use runtime.strategy=ddp or fsdp")
         out = self.accelerator.prepare(*objects)
         set_seed(self.cfg.runtime.seed + 1000 * self.rank)  # from here on each rank has its own stream
         return out
@@ -281,15 +287,17 @@ class Run:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def check_replicas(self, model: torch.nn.Module) -> bool:
-        """Data parallelism must leave identical weights on every rank; verify it exactly.
+    def check_replicas(self, *models: torch.nn.Module) -> bool:
+        """Data parallelism must leave identical weights on every rank; verify it exactly, for
+        every trained network.
 
         Gathers a float64 (sum, sum of squares) of every rank's parameters; any difference
         means gradients were not synchronised. Writes them to run_dir/replicas.json.
         """
         if self.params_sharded:
             return True  # each rank holds a different shard by design
-        flat = torch.cat([p.detach().double().flatten() for p in self.accelerator.unwrap_model(model).parameters()])
+        flat = torch.cat([p.detach().double().flatten() for model in models
+                          for p in self.accelerator.unwrap_model(model).parameters()])
         local = torch.stack([flat.sum(), (flat * flat).sum()]).to(self.device)
         gathered = self.accelerator.gather(local[None]).tolist()
         identical = all(row == gathered[0] for row in gathered)
