@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,42 +30,11 @@ from disttrain.config import TrainClassifierConfig  # noqa: E402
 from disttrain.data.shards import ShardSplit  # noqa: E402
 from disttrain.data.stream import ShardReader  # noqa: E402
 from disttrain.data.transforms import train_transform  # noqa: E402
+from disttrain.models.small_gan import LATENT, SmallDiscriminator, SmallGenerator  # noqa: E402
 from disttrain.runtime import Phase, TrainLoop, entrypoint, report, start_run  # noqa: E402
 from disttrain.runtime.hooks import HalfLifeEMA  # noqa: E402
 
-LATENT = 32
 R1_EVERY, R1_GAMMA = 16, 0.1
-
-
-class Generator(nn.Module):
-    def __init__(self, num_classes: int, size: int):
-        super().__init__()
-        self.base = size // 4
-        self.embed = nn.Embedding(num_classes, LATENT)
-        self.fc = nn.Linear(2 * LATENT, 64 * self.base * self.base)
-        self.body = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(), nn.Upsample(scale_factor=2),
-                                  nn.Conv2d(64, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.Upsample(scale_factor=2), nn.Conv2d(32, 3, 3, padding=1))
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.fc(torch.cat([z, self.embed(labels)], 1)).view(-1, 64, self.base, self.base)
-        return torch.tanh(self.body(h)) * 2.5  # about the range of ImageNet-normalised pixels
-
-
-class Discriminator(nn.Module):
-    """Projection discriminator (Miyato & Koyama 2018): linear(h) + <embed(c), h>."""
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-                                  nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.out = nn.Linear(64, 1)
-        self.embed = nn.Embedding(num_classes, 64)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.body(images)
-        return self.out(h).squeeze(1) + (self.embed(labels) * h).sum(1)
 
 
 class FlipTuner:
@@ -109,7 +77,7 @@ def main(argv: list[str]) -> None:
     train_split = ShardSplit.open(Path(data.root) / data.train_split)
     with start_run(cfg) as run:
         torch.manual_seed(cfg.runtime.seed)
-        G, D = Generator(train_split.num_classes, data.image_size), Discriminator(train_split.num_classes)
+        G, D = SmallGenerator(train_split.num_classes, data.image_size), SmallDiscriminator(train_split.num_classes)
         G, D = run.place(G), run.place(D)
         reader = ShardReader(train_split, train_transform(data.image_size, data.resize_size, data.augment, data.hflip),
                              batch_size=cfg.batch.micro_size, rank=run.rank, world_size=run.world_size,

@@ -18,6 +18,9 @@ class BenchmarkConfig:
     """The shared loop against a bare PyTorch loop: same model, batch and data, same process."""
 
     run_dir: str = "runs/benchmark"
+    # classifier: one network (model.name), one phase; gan: the two-network step of a GAN
+    # (disttrain.models.small_gan: G phase + D phase, hinge loss) against a hand-written G/D step
+    networks: typing.Literal["classifier", "gan"] = "classifier"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet50"))
     image_size: int = 448
     num_classes: int = 100
@@ -74,6 +77,8 @@ BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
               "tracking.enabled": False},
     "cpu": {"model.name": "resnet18", "image_size": 64, "batch.global_size": 32, "batch.micro_size": 32,
             "num_steps": 50, "repeats": 7},
+    "gan_cpu": {"networks": "gan", "image_size": 32, "num_classes": 10, "batch.global_size": 32,
+                "batch.micro_size": 32, "num_steps": 50, "repeats": 7},
     "resnet50_448": {"model.name": "resnet50", "image_size": 448, "batch.global_size": 32,
                      "batch.micro_size": 32, "runtime.channels_last": True},
     "resnet50_448_cpu": {"model.name": "resnet50", "image_size": 448, "batch.global_size": 8,
