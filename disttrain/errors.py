@@ -15,3 +15,7 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Missing or malformed data, reported before training starts."""
+
+
+class MissingShardError(DataError):
+    """A shard the manifest lists is not on disk (any more)."""

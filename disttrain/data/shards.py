@@ -40,27 +40,12 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from disttrain import files
-from disttrain.data.tarindex import (ShardFiles, SplitIndex, build_index, index_name, parse_sample, scan_shard,
+from disttrain.data.tarindex import (_some, tell, ShardFiles, SplitIndex, build_index, index_name, parse_sample, scan_shard,
                                      write_index)
-from disttrain.errors import DataError  # defined with ConfigError; imported from here by the data layer
+from disttrain.errors import DataError, MissingShardError  # defined with ConfigError; imported from here by the data layer
 
 MANIFEST = "manifest.json"
 FORMAT = "disttrain-shards/1"
-
-
-class MissingShardError(DataError):
-    """A shard the manifest lists is not on disk (any more)."""
-
-
-def tell(kind: str, message: str) -> None:
-    """One line on stderr, from the first process of a launch only: every rank reads the same
-    split, so the same line from each would say nothing more."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"disttrain: {kind}: {message}", file=sys.stderr, flush=True)
-
-
-def _some(items: list[str], limit: int = 3) -> str:
-    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # --------------------------------------------------------------------------- writing

@@ -29,6 +29,7 @@ import io
 import os
 import re
 import struct
+import sys
 import tarfile
 import time
 from collections import OrderedDict
@@ -39,12 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from disttrain.errors import DataError, MissingShardError
+
 if TYPE_CHECKING:
     from disttrain.data.shards import ShardSplit
 
-# `DataError`, `MissingShardError` and `tell` come from `disttrain.data.shards`, which imports
-# this module: they are imported where an error is raised or a note told, never on the way
-# through a sample.
 
 # --------------------------------------------------------------------------- tar headers
 
@@ -66,6 +66,18 @@ class _UnusualTar(Exception):
 
 class _DamagedTar(Exception):
     """A header that fails its checksum: the bytes from here on are not a tar stream."""
+
+
+
+def tell(kind: str, message: str) -> None:
+    """One line on stderr, from the first process of a launch only: every rank reads the same
+    split, so the same line from each would say nothing more."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"disttrain: {kind}: {message}", file=sys.stderr, flush=True)
+
+
+def _some(items: list[str], limit: int = 3) -> str:
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _padded(size: int) -> int:
@@ -296,9 +308,6 @@ class _Window:
 
 
 def _data_error(message: str) -> Exception:
-    """A `DataError`, imported only when one is raised (see the note on imports at the top)."""
-    from disttrain.data.shards import DataError
-
     return DataError(message)
 
 
@@ -341,7 +350,6 @@ class SplitIndex:
 
 def build_index(split: ShardSplit) -> SplitIndex:
     """Load each shard's sidecar index, or scan its headers; compare the counts with the manifest."""
-    from disttrain.data.shards import _some, tell
 
     started = time.perf_counter()
     parts, unindexed, damaged = [], [], []
@@ -378,7 +386,6 @@ def build_index(split: ShardSplit) -> SplitIndex:
 
 
 def _compare_counts(split: ShardSplit, counts: list[int]) -> dict[str, int]:
-    from disttrain.data.shards import _some, tell
 
     listed = split.shard_sizes
     missing = [(name, n, c) for name, n, c in zip(split.shard_names, listed, counts) if c < n]
@@ -411,7 +418,6 @@ class ShardFiles:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                from disttrain.data.shards import MissingShardError
 
                 raise MissingShardError(f"shard {path} is missing (listed in its split's manifest)") from None
             if len(self._open) >= self.capacity:

@@ -218,7 +218,7 @@ class Checkpointer:
 
 @contextmanager
 def _weights_only_deepspeed_loads(accelerator: Accelerator) -> Iterator[None]:
-    """DeepSpeed reads its checkpoint files with torch.load(weights_only=False), which runs whatever
+    """DeepSpeed reads its checkpoint files with a full (code-running) torch.load, which runs whatever
     code a file carries; make its engines read them with torch's weights-only unpickler instead,
     admitting only the DeepSpeed classes those files hold (Accelerate's own files already load so)."""
     engines = [m for m in getattr(accelerator, "_models", []) if getattr(m, "checkpoint_engine", None) is not None]
