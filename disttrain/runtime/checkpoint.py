@@ -140,7 +140,10 @@ class Checkpointer:
             if main:
                 for name, obj in self.states.items():
                     save_state(tmp / STATES / name, obj.state_dict())
-            files.fsync_tree(tmp)  # every rank: its own files are on disk before rank 0 lists them
+            # nobody walks the folder while a rank still writes into it (a state file renamed
+            # into place under a walking rank would vanish from its listing)
+            self._barrier()
+            files.fsync_tree(tmp)  # every rank: the files are on disk before rank 0 lists them
             self._barrier()
             if main:
                 self.progress("checkpoint")
