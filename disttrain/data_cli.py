@@ -100,7 +100,7 @@ def _predictions(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list
     from disttrain.runtime.saved import predict_saved_classifier
 
     probs, labels, card = predict_saved_classifier(args.model, args.data, batch_size=args.batch_size)
-    return probs, labels, card.get("classes")
+    return probs, labels, card.classes
 
 
 def splits_rank(args: argparse.Namespace) -> None:

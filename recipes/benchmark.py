@@ -38,7 +38,7 @@ def images_per_s(stamps: list[float], warmup: int, steps: int, batch: int) -> fl
 
 def classifier_pair(cfg: BenchmarkConfig, run, to_device, autocast_dtype):
     """(bare step, the loop's phases, model name) for one network, one phase."""
-    base = build_classifier(cfg.model, cfg.num_classes, cfg.image_size)
+    base = build_classifier(num_outputs=cfg.num_classes, image_size=cfg.image_size, **cfg.model.arguments())
     memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
     bare_model = copy.deepcopy(base).to(run.device, memory_format=memory_format)
     loop_model = copy.deepcopy(base).to(run.device, memory_format=memory_format)

@@ -25,6 +25,7 @@ margins.json (cmg_energy), checkpoints/, summary.json -- and the MLflow run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,40 +41,42 @@ from disttrain.data.stream import OutlierStream, ShardReader
 from disttrain.data.transforms import eval_transform, train_transform
 from disttrain.methods.cmg import CMGEnergy, CMGSoftmax, energy_margins
 from disttrain.methods.outlier_exposure import energy
-from disttrain.models.classifier import (KnownClassLogits, attach_head, build_classifier, check_classifier_config,
-                                         split_head, widen_head)
+from disttrain.models.cards import ModelCard, classifier_card
+from disttrain.models.classifier import (KnownClassLogits, attach_head, build_classifier, check_classifier, split_head,
+                                         widen_head)
 from disttrain.runtime import Phase, TrainLoop, entrypoint, read_status, start_run
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
-from disttrain.runtime.saved import card_stem, load_saved_classifier, saved_model_card
+from disttrain.runtime.saved import load_saved_classifier, saved_model_card
 
 PSEUDO_DIR = "pseudo_ood"  # where synthesize writes its split
 INIT = {"frozen": "finetune", "unfrozen": "unfrozen", "direct": "direct"}  # the report's row suffix
 
 
-def classifier_card(cfg: FinetuneHeadConfig, train_split: ShardSplit) -> dict[str, Any] | None:
+def stage1_card(cfg: FinetuneHeadConfig, train_split: ShardSplit) -> ModelCard | None:
     """The stage-1 classifier's card, checked against the ID data; None for strategy=direct."""
     if cfg.strategy == "direct":
-        check_classifier_config(cfg.model, cfg.data.image_size)
+        check_classifier(image_size=cfg.data.image_size, **cfg.model.arguments())
         return None
     try:
         card = saved_model_card(cfg.classifier)
     except ConfigError as err:
         raise ConfigError(f"classifier={cfg.classifier!r}: {err}") from None
-    if card.get("stage") == "train_cvae":
-        raise ConfigError(f"classifier={cfg.classifier!r} is a CVAE, not a classifier")
-    if card["classes"] != train_split.classes:
-        raise ConfigError(f"classifier={cfg.classifier!r} was trained on {card['num_classes']} classes "
-                          f"({card['classes'][:3]}...), the ID split {train_split.root} has {train_split.num_classes} "
+    if card.architecture != "timm_classifier":
+        raise ConfigError(f"classifier={cfg.classifier!r} is a {card.architecture} (from {card.stage}), not a "
+                          f"classifier")
+    if card.classes != train_split.classes:
+        raise ConfigError(f"classifier={cfg.classifier!r} was trained on {card.num_classes} classes "
+                          f"({card.classes[:3]}...), the ID split {train_split.root} has {train_split.num_classes} "
                           f"({train_split.classes[:3]}...): fine-tune on the data the classifier learned")
-    if card.get("num_outputs", card["num_classes"]) != card["num_classes"]:
+    if card.num_outputs != card.num_classes:
         raise ConfigError(f"classifier={cfg.classifier!r} already has an OOD output (a cmg_softmax model): "
                           f"fine-tune its stage-1 classifier instead")
     for key in ("image_size", "resize_size"):
-        if card[key] != getattr(cfg.data, key):
-            raise ConfigError(f"classifier={cfg.classifier!r} was trained with {key}={card[key]}: set data.{key}="
-                              f"{card[key]}")
+        if getattr(card, key) != getattr(cfg.data, key):
+            raise ConfigError(f"classifier={cfg.classifier!r} was trained with {key}={getattr(card, key)}: set "
+                              f"data.{key}={getattr(card, key)}")
     return card
 
 
@@ -100,7 +103,7 @@ def main(argv: list[str]) -> None:
     # -- every input checked before any compute ------------------------------------------------
     train_split = ShardSplit.open(Path(data.root) / data.train_split, data.verify_checksums)
     test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size)
-    card = classifier_card(cfg, train_split)
+    card = stage1_card(cfg, train_split)
     pseudo = pseudo_split(cfg)
     num_id = train_split.num_classes
     extra = CMGSoftmax.extra_outputs if cfg.method == "cmg_softmax" else 0
@@ -111,11 +114,9 @@ def main(argv: list[str]) -> None:
                               "not FSDP / ZeRO-3")
         # -- build: h (the extractor) and f (the last layer) ------------------------------------
         if card is None:
-            net = build_classifier(cfg.model, num_id, data.image_size)
-            model_name, stem = cfg.model.name, cfg.model.stem
+            net = build_classifier(num_outputs=num_id, image_size=data.image_size, **cfg.model.arguments())
         else:
             net, _ = load_saved_classifier(cfg.classifier)
-            model_name, stem = card["model"], card_stem(card)
         extractor, head = split_head(net)
         head = widen_head(head, extra).requires_grad_(True)
         frozen = cfg.strategy == "frozen"
@@ -197,17 +198,19 @@ def main(argv: list[str]) -> None:
 
         # -- save: the whole classifier, f back on h ---------------------------------------------
         whole = attach_head(extractor, run.accelerator.unwrap_model(trainable)) if frozen else trainable
-        base = card or {}
-        model_dir = run.save_model(whole, info={
-            "model": model_name, "stem": stem, "num_classes": num_id, "num_outputs": num_id + extra,
-            "classes": train_split.classes, "image_size": data.image_size, "resize_size": data.resize_size,
-            "method": cfg.method, "score": loss.score, "strategy": cfg.strategy,
-            "init": INIT[cfg.strategy] + ("" if pseudo is not None else "-no-pseudo-ood"),
-            "base_method": base.get("method", ""), "classifier": str(Path(cfg.classifier).resolve()) if card else "",
-            "pseudo_ood": str(pseudo.root.resolve()) if pseudo is not None else "",
-            "hyperparameters": {**margins, **({"weight": cfg.cmg_energy.weight,
-                                               "temperature": cfg.cmg_energy.temperature}
-                                              if cfg.method == "cmg_energy" else {})}})
+        base = card or classifier_card(cfg.model.arguments(), num_id, train_split.classes, data.image_size,
+                                       data.resize_size)
+        details = {"strategy": cfg.strategy,
+                   "init": INIT[cfg.strategy] + ("" if pseudo is not None else "-no-pseudo-ood"),
+                   "base_method": card.method if card else "",
+                   "classifier": str(Path(cfg.classifier).resolve()) if card else "",
+                   "pseudo_ood": str(pseudo.root.resolve()) if pseudo is not None else "",
+                   "hyperparameters": {**margins, **({"weight": cfg.cmg_energy.weight,
+                                                      "temperature": cfg.cmg_energy.temperature}
+                                                     if cfg.method == "cmg_energy" else {})}}
+        card_out = dataclasses.replace(base, arguments={**base.arguments, "num_outputs": num_id + extra},
+                                       method=cfg.method, score=loss.score, details=details)
+        model_dir = run.save_model(whole, card_out)
         summary = loop.summary(result, method=cfg.method, strategy=cfg.strategy, model_dir=str(model_dir), **margins,
                                **reader.manifest_counts(), **(stream.manifest_counts("pseudo_") if stream else {}))
         run.finish(summary, step=result["step"])

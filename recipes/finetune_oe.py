@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,15 +39,16 @@ from disttrain.data.sources import open_source
 from disttrain.data.stream import OutlierStream, ShardReader
 from disttrain.data.transforms import train_transform
 from disttrain.methods.outlier_exposure import build_objective
-from disttrain.models.classifier import build_classifier, check_classifier_config
+from disttrain.models.cards import ModelCard, classifier_card
+from disttrain.models.classifier import build_classifier, check_classifier
 from disttrain.runtime import Phase, TrainLoop, entrypoint, start_run
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
-from disttrain.runtime.saved import card_stem, load_saved_classifier, saved_model_card
+from disttrain.runtime.saved import load_saved_classifier, saved_model_card
 
 
-def standard_card(cfg: FinetuneOEConfig, train_split: ShardSplit) -> dict[str, Any] | None:
+def standard_card(cfg: FinetuneOEConfig, train_split: ShardSplit) -> ModelCard | None:
     """The Standard classifier's model card, checked against the ID data; None from scratch."""
     if cfg.from_scratch:
         return None
@@ -55,17 +56,17 @@ def standard_card(cfg: FinetuneOEConfig, train_split: ShardSplit) -> dict[str, A
         card = saved_model_card(cfg.standard)
     except ConfigError as err:
         raise ConfigError(f"standard={cfg.standard!r}: {err}") from None
-    if card.get("stage") != "train_classifier":
-        raise ConfigError(f"standard={cfg.standard!r} holds a {card.get('stage')!r} model, not a Standard one: point "
+    if card.stage != "train_classifier":
+        raise ConfigError(f"standard={cfg.standard!r} holds a {card.stage!r} model, not a Standard one: point "
                           f"at the run dir of a finished train_classifier stage")
-    if card["classes"] != train_split.classes:
-        raise ConfigError(f"standard={cfg.standard!r} was trained on {card['num_classes']} classes "
-                          f"({card['classes'][:3]}...), the ID split {train_split.root} has {train_split.num_classes} "
+    if card.classes != train_split.classes:
+        raise ConfigError(f"standard={cfg.standard!r} was trained on {card.num_classes} classes "
+                          f"({card.classes[:3]}...), the ID split {train_split.root} has {train_split.num_classes} "
                           f"({train_split.classes[:3]}...): fine-tune on the data the Standard model learned")
     for key in ("image_size", "resize_size"):
-        if card[key] != getattr(cfg.data, key):
-            raise ConfigError(f"standard={cfg.standard!r} was trained with {key}={card[key]}: set data.{key}="
-                              f"{card[key]}")
+        if getattr(card, key) != getattr(cfg.data, key):
+            raise ConfigError(f"standard={cfg.standard!r} was trained with {key}={getattr(card, key)}: set "
+                              f"data.{key}={getattr(card, key)}")
     return card
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> None:
     test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size)
     card = standard_card(cfg, train_split)
     if card is None:
-        check_classifier_config(cfg.model, data.image_size)
+        check_classifier(image_size=data.image_size, **cfg.model.arguments())
     pool = ShardSplit.open(out.root, data.verify_checksums)
     keep, exclusions = stream_classes(pool.classes, pool.manifest.get("class_ids", []),
                                       pool.manifest.get("class_counts", []), benchmark=out.exclude_benchmark,
@@ -90,12 +91,11 @@ def main(argv: list[str]) -> None:
     with start_run(cfg) as run:
         # -- build ---------------------------------------------------------------------------
         if card is None:
-            model = build_classifier(cfg.model, train_split.num_classes, data.image_size)
-            model_name, stem = cfg.model.name, cfg.model.stem
+            model = build_classifier(num_outputs=train_split.num_classes, image_size=data.image_size,
+                                     **cfg.model.arguments())
         else:
             model, _ = load_saved_classifier(cfg.standard)
             model = model.train().requires_grad_(True)
-            model_name, stem = card["model"], card_stem(card)
         model = run.place(model)
         ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
         transform = train_transform(data.image_size, data.resize_size, data.augment, data.hflip)
@@ -149,13 +149,13 @@ def main(argv: list[str]) -> None:
                           max_steps=cfg.train.max_steps)
 
         # -- save ----------------------------------------------------------------------------
-        model_dir = run.save_model(model, ema=ema, info={
-            "model": model_name, "stem": stem, "num_classes": train_split.num_classes,
-            "classes": train_split.classes,
-            "image_size": data.image_size, "resize_size": data.resize_size, "method": cfg.method,
-            "init": "scratch" if card is None else "finetune", "score": objective.score,
-            "standard": str(Path(cfg.standard).resolve()) if card is not None else "",
-            "hyperparameters": method_params, "outliers": str(Path(out.root).resolve())})
+        base = card or classifier_card(cfg.model.arguments(), train_split.num_classes, train_split.classes,
+                                       data.image_size, data.resize_size)
+        details = {"init": "scratch" if card is None else "finetune",
+                   "standard": str(Path(cfg.standard).resolve()) if card is not None else "",
+                   "hyperparameters": method_params, "outliers": str(Path(out.root).resolve())}
+        model_dir = run.save_model(model, dataclasses.replace(base, method=cfg.method, score=objective.score,
+                                                              details=details), ema=ema)
         summary = loop.summary(result, method=cfg.method, model_dir=str(model_dir), **reader.manifest_counts(),
                                **outliers.manifest_counts("outliers_"))
         run.finish(summary, step=result["step"])

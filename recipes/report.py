@@ -142,8 +142,8 @@ def load_evaluation(run_dir: str) -> Evaluation:
     model_cfg = json.loads(model_cfg_path.read_text()).get("config", {}) if model_cfg_path.is_file() else {}
     data_root = model_cfg.get("data.root") or str(Path(id_spec).parent)  # no config: the ID set's dataset dir
     ev = Evaluation(Path(run_dir), Path(model_dir), Path(data_root).name, int(model_cfg.get("runtime.seed", 0)),
-                    card.get("method", STANDARD), card.get("init", ""), card.get("score", "msp"), rows[0]["id"], rows,
-                    card.get("base_method", ""))
+                    card.method or STANDARD, card.details.get("init", ""), card.score or "msp", rows[0]["id"], rows,
+                    card.details.get("base_method", ""))
     if ev.method != STANDARD and not ev.seed_run(ev.score).by_ood:
         raise ConfigError(f"evaluations: {run_dir} holds no {ev.score!r} results, the scorer {ev.label} is "
                           f"evaluated with: re-run it with scorers=[{ev.score},...]")

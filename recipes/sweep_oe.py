@@ -130,6 +130,8 @@ def main(argv: list[str]) -> None:
     trials = cfg.trial_overrides()
     shared = dict(item.split("=", 1) for item in cfg.finetune)
     base = config.build(FinetuneOEConfig, cfg.finetune_preset or None, {"run_dir": "-", **shared})
+    for trial in trials:  # every trial's finetune_oe config builds: its mistake named now, not after trial 3
+        config.build(FinetuneOEConfig, cfg.finetune_preset or None, {"run_dir": "-", **shared, **trial})
     score = OBJECTIVES[base.method].score
     id_set = cfg.id or str(Path(base.data.root) / base.data.eval_split)
     val = cfg.validation_sets(str(Path(base.data.root) / base.data.train_split))

@@ -35,12 +35,13 @@ from disttrain.config import ConfigError, SynthesizeConfig
 from disttrain.data.shards import seed_of, write_manifest, write_shard
 from disttrain.methods.cmg import mixed_conditions, sample_latents
 from disttrain.runtime import entrypoint, start_run
+from disttrain.models.cards import ModelCard
 from disttrain.runtime.saved import load_saved_cvae, saved_cvae_card, saved_model_card
 
 PSEUDO_DIR = "pseudo_ood"
 
 
-def check_inputs(cfg: SynthesizeConfig) -> tuple[dict[str, Any], int]:
+def check_inputs(cfg: SynthesizeConfig) -> tuple[ModelCard, int]:
     """The CVAE's card and the number of images to make; ConfigError before any compute."""
     try:
         card = saved_cvae_card(cfg.cvae)
@@ -51,17 +52,18 @@ def check_inputs(cfg: SynthesizeConfig) -> tuple[dict[str, Any], int]:
             classifier = saved_model_card(cfg.classifier)
         except ConfigError as err:
             raise ConfigError(f"classifier={cfg.classifier!r}: {err}") from None
-        if classifier["num_classes"] != card["num_classes"] or classifier["classes"] != card["classes"]:
+        if classifier.classes != card.classes:
             raise ConfigError(
-                f"cvae={cfg.cvae!r} was trained on {card['num_classes']} classes ({card['classes'][:3]}...) but "
-                f"classifier={cfg.classifier!r} on {classifier['num_classes']} ({classifier['classes'][:3]}...): "
+                f"cvae={cfg.cvae!r} was trained on {card.num_classes} classes ({card.classes[:3]}...) but "
+                f"classifier={cfg.classifier!r} on {classifier.num_classes} ({classifier.classes[:3]}...): "
                 f"pseudo-OOD data must come from a CVAE trained on the classifier's ID classes -- train one with "
                 f"recipes/train_cvae.py data.root=<the classifier's data.root>")
-    if card["num_classes"] < 2:
-        raise ConfigError(f"cvae={cfg.cvae!r} knows {card['num_classes']} class; class mixing needs at least 2")
-    count = cfg.cmg.count or int(round(cfg.cmg.ratio * card["num_train_samples"]))
+    if card.num_classes < 2:
+        raise ConfigError(f"cvae={cfg.cvae!r} knows {card.num_classes} class; class mixing needs at least 2")
+    num_train = card.details.get("num_train_samples", 0)
+    count = cfg.cmg.count or int(round(cfg.cmg.ratio * num_train))
     if count < 1:
-        raise ConfigError(f"cmg.ratio={cfg.cmg.ratio} of {card['num_train_samples']} ID training images is an "
+        raise ConfigError(f"cmg.ratio={cfg.cmg.ratio} of {num_train} ID training images is an "
                           f"empty pseudo-OOD set: raise cmg.ratio or set cmg.count")
     return card, count
 
@@ -124,7 +126,7 @@ def main(argv: list[str]) -> None:
         if run.is_main:
             all_shards = [shard for part in every for shard in part["shards"]]
             write_manifest(out_dir, [], all_shards, [], source="synthesize", method=cfg.method,
-                           cvae=str(Path(cfg.cvae).resolve()), id_classes=card["classes"], sigma=cfg.cmg.sigma,
+                           cvae=str(Path(cfg.cvae).resolve()), id_classes=card.classes, sigma=cfg.cmg.sigma,
                            filter_t=cfg.cmg.filter_t, seed=cfg.runtime.seed, world_size=run.world_size)
             run.log_data("pseudo_ood", out_dir / "manifest.json")
             if grid:

@@ -26,7 +26,8 @@ from disttrain.data.shards import MANIFEST, ShardSplit
 from disttrain.data.stream import ShardReader
 from disttrain.data.sources import open_source
 from disttrain.data.transforms import train_transform
-from disttrain.models.classifier import build_classifier, check_classifier_config
+from disttrain.models.cards import classifier_card
+from disttrain.models.classifier import build_classifier, check_classifier
 from disttrain.runtime import Phase, TrainLoop, entrypoint, start_run
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.classify import ClassifierEval
@@ -38,11 +39,12 @@ def main(argv: list[str]) -> None:
     data = cfg.data
     train_split = ShardSplit.open(Path(data.root) / data.train_split, data.verify_checksums)  # errors before compute
     test_set = open_source(str(Path(data.root) / data.eval_split), data.image_size)
-    check_classifier_config(cfg.model, data.image_size)
+    check_classifier(image_size=data.image_size, **cfg.model.arguments())
 
     with start_run(cfg) as run:
         # -- build ---------------------------------------------------------------------------
-        model = build_classifier(cfg.model, train_split.num_classes, data.image_size)
+        model = build_classifier(num_outputs=train_split.num_classes, image_size=data.image_size,
+                                 **cfg.model.arguments())
         model = run.place(model)
         ema = ModelEmaV3(model, decay=cfg.runtime.ema_decay) if cfg.runtime.ema_decay else None
         transform = train_transform(data.image_size, data.resize_size, data.augment, data.hflip)
@@ -76,9 +78,9 @@ def main(argv: list[str]) -> None:
                           num_epochs=cfg.train.num_epochs, max_steps=cfg.train.max_steps)
 
         # -- save ----------------------------------------------------------------------------
-        model_dir = run.save_model(model, ema=ema, info={
-            "model": cfg.model.name, "stem": cfg.model.stem, "num_classes": train_split.num_classes,
-            "classes": train_split.classes, "image_size": data.image_size, "resize_size": data.resize_size})
+        card = classifier_card(cfg.model.arguments(), train_split.num_classes, train_split.classes, data.image_size,
+                               data.resize_size)
+        model_dir = run.save_model(model, card, ema=ema)
         summary = loop.summary(result, model_dir=str(model_dir), **reader.manifest_counts())
         run.finish(summary, step=result["step"])
         run.print_summary(summary)

@@ -27,6 +27,7 @@ from disttrain.data.shards import MANIFEST, ShardSplit
 from disttrain.data.sources import open_source
 from disttrain.data.stream import ShardReader
 from disttrain.data.transforms import generator_transform
+from disttrain.models.cards import ModelCard, build_network, unit_range
 from disttrain.models.cvae import CVAE, cvae_loss
 from disttrain.runtime import Phase, TrainLoop, entrypoint, start_run
 from disttrain.runtime.loop import total_steps
@@ -41,8 +42,13 @@ def main(argv: list[str]) -> None:
 
     with start_run(cfg) as run:
         # -- build ---------------------------------------------------------------------------
-        model = CVAE(train_split.num_classes, data.image_size, data.channels, cfg.cvae.variant,
-                     cfg.cvae.latent_dim, cfg.cvae.embed_dim)
+        card = ModelCard("cvae", {"num_classes": train_split.num_classes, "image_size": data.image_size,
+                                  "channels": data.channels, "variant": cfg.cvae.variant,
+                                  "latent_dim": cfg.cvae.latent_dim, "embed_dim": cfg.cvae.embed_dim},
+                         train_split.classes, data.image_size, data.image_size, unit_range(data.channels),
+                         details={"likelihood": cfg.cvae.likelihood, "num_train_samples": train_split.num_samples,
+                                  "train_data": str(train_split.root.resolve())})
+        model = build_network(card)
         model = run.place(model)
         transform = generator_transform(data.image_size, data.channels, data.hflip)
         reader = ShardReader(train_split, transform, batch_size=cfg.batch.micro_size, rank=run.rank,
@@ -97,12 +103,7 @@ def main(argv: list[str]) -> None:
                           num_epochs=cfg.train.num_epochs, max_steps=cfg.train.max_steps)
 
         # -- save ----------------------------------------------------------------------------
-        model_dir = run.save_model(model, info={
-            "kind": "cvae", "variant": cfg.cvae.variant, "latent_dim": cfg.cvae.latent_dim,
-            "embed_dim": cfg.cvae.embed_dim, "likelihood": cfg.cvae.likelihood,
-            "num_classes": train_split.num_classes, "classes": train_split.classes, "image_size": data.image_size,
-            "channels": data.channels, "num_train_samples": train_split.num_samples,
-            "train_data": str(train_split.root.resolve())})
+        model_dir = run.save_model(model, card)
         if run.is_main:
             run.save_artifact(write_class_samples(run.eval_model(model), run.run_dir / "samples.png", cfg.runtime.seed))
         summary = loop.summary(result, model_dir=str(model_dir), **reader.manifest_counts())

@@ -48,7 +48,8 @@ def test_cvae_trains_under_deepspeed_on_two_processes(stage1):
     run = json.loads((stage1["cvae"] / "run.json").read_text())
     assert run["world_size"] == 2 and run["strategy"] == "deepspeed"
     card = json.loads((stage1["cvae"] / "model" / "model.json").read_text())
-    assert card["stage"] == "train_cvae" and card["num_classes"] == 10 and card["num_train_samples"] == 2000
+    assert card["stage"] == "train_cvae" and card["architecture"] == "cvae" and len(card["classes"]) == 10
+    assert card["details"]["num_train_samples"] == 2000
     summary = json.loads((stage1["cvae"] / "summary.json").read_text())
     assert np.isfinite(summary["eval/loss"]) and summary["eval/kl"] >= 0 and summary["stage_wall_clock_s"] > 0
     assert (stage1["cvae"] / "samples.png").is_file()
@@ -92,10 +93,10 @@ def test_two_stage_pipeline_under_two_processes(launch, demo_root, stage1, tmp_p
         frozen = [key for key in before if not key.startswith("fc.")]
         assert frozen and all(torch.equal(before[key], after[key]) for key in frozen)  # h bitwise unchanged
         card = tuned.json("model/model.json")
-        assert card["method"] == method and card["strategy"] == "frozen" and card["num_classes"] == 10
+        assert card["method"] == method and card["details"]["strategy"] == "frozen" and len(card["classes"]) == 10
         runs[method] = tuned
     energy_card = runs["cmg_energy"].json("model/model.json")
-    assert energy_card["score"] == "energy" and energy_card["num_outputs"] == 10
+    assert energy_card["score"] == "energy" and energy_card["arguments"]["num_outputs"] == 10
     assert not torch.equal(before["fc.weight"], load_file(runs["cmg_energy"].run_dir / "model" /
                                                           "model.safetensors")["fc.weight"])
     softmax = load_file(runs["cmg_softmax"].run_dir / "model" / "model.safetensors")
@@ -105,8 +106,8 @@ def test_two_stage_pipeline_under_two_processes(launch, demo_root, stage1, tmp_p
     # the margins: 80 % of the ID training energies above m_ind, 80 % of the pseudo-OOD ones below m_ood
     margins = runs["cmg_energy"].json("margins.json")
     model, card = load_saved_classifier(classifier)
-    e_id = energies(model, demo_root / "train", card["image_size"], card["resize_size"])
-    e_ood = energies(model, stage1["synthesize"] / "pseudo_ood", card["image_size"], card["resize_size"])
+    e_id = energies(model, demo_root / "train", card.image_size, card.resize_size)
+    e_ood = energies(model, stage1["synthesize"] / "pseudo_ood", card.image_size, card.resize_size)
     assert (margins["num_id"], margins["num_pseudo_ood"]) == (2000, 96)
     assert abs((e_id > margins["m_ind"]).float().mean().item() - 0.8) <= 2 / 2000
     assert abs((e_ood < margins["m_ood"]).float().mean().item() - 0.8) <= 2 / 96
@@ -148,19 +149,22 @@ def test_ablations_of_section_4_5(launch, demo_root, stage1, tmp_path, option, c
     before = load_file(stage1["classifier"] / "model" / "model.safetensors")
     after = load_file(tuned.run_dir / "model" / "model.safetensors")
     if check == "extractor_changed":
-        assert card["init"] == "unfrozen" and not torch.equal(before["conv1.0.weight"], after["conv1.0.weight"])
+        assert card["details"]["init"] == "unfrozen"
+        assert not torch.equal(before["conv1.0.weight"], after["conv1.0.weight"])
     elif check == "no_pseudo":
-        assert card["init"] == "finetune-no-pseudo-ood" and card["pseudo_ood"] == ""
+        assert card["details"]["init"] == "finetune-no-pseudo-ood" and card["details"]["pseudo_ood"] == ""
         assert set(margins) >= {"m_ind"} and "m_ood" not in margins and margins["num_pseudo_ood"] == 0
     else:
-        assert card["init"] == "direct" and card["classifier"] == "" and card["model"] == "resnet10t"
+        assert card["details"]["init"] == "direct" and card["details"]["classifier"] == ""
+        assert card["arguments"]["name"] == "resnet10t"
 
 
 def test_bad_input_is_refused_before_compute(demo_root, stage1, tmp_path):
     other = tmp_path / "other-classifier"
     (other / "model").mkdir(parents=True)
     card = json.loads((stage1["classifier"] / "model" / "model.json").read_text())
-    (other / "model" / "model.json").write_text(json.dumps({**card, "num_classes": 6, "classes": card["classes"][:6]}))
+    (other / "model" / "model.json").write_text(json.dumps({**card, "classes": card["classes"][:6],
+                                                            "arguments": {**card["arguments"], "num_outputs": 6}}))
     (other / "status.json").write_text(json.dumps({"state": "finished"}))
     empty = tmp_path / "empty-split"
     empty.mkdir()
@@ -174,7 +178,7 @@ def test_bad_input_is_refused_before_compute(demo_root, stage1, tmp_path):
         ("synthesize.py", [*synth, f"classifier={other}"], "trained on 10 classes"),
         ("synthesize.py", [*synth, "cmg.sigma=0"], "cmg.sigma=0.0 must be > 0"),
         ("synthesize.py", [*synth, "cmg.count=0", "cmg.ratio=0.0001"], "empty pseudo-OOD set"),
-        ("synthesize.py", [*synth, f"cvae={stage1['classifier']}"], "not a CVAE"),
+        ("synthesize.py", [*synth, f"cvae={stage1['classifier']}"], "not a cvae"),
         ("finetune_head.py", [*head, f"pseudo={empty}"], "lists no shards"),
         ("finetune_head.py", [*head, f"pseudo={stage1['synthesize']}", f"classifier={other}"],
          "trained on 6 classes"),

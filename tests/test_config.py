@@ -115,13 +115,12 @@ def test_pretrained_weights_come_from_the_local_file_only(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from disttrain.config import ModelConfig
     from disttrain.models.classifier import build_classifier
 
     imagenet = timm.create_model("resnet10t", num_classes=1000)
     save_file(imagenet.state_dict(), tmp_path / "resnet10t.safetensors")
-    model = build_classifier(ModelConfig("resnet10t", pretrained=True,
-                                         pretrained_file=str(tmp_path / "resnet10t.safetensors")), 7, 32)
+    model = build_classifier("resnet10t", 7, 32, pretrained=True,
+                             pretrained_file=str(tmp_path / "resnet10t.safetensors"))
     assert torch.equal(model.conv1[0].weight, imagenet.conv1[0].weight)
     assert model.get_classifier().out_features == 7  # a fresh head for the new classes
 

@@ -13,6 +13,7 @@ import pytest
 
 from disttrain.config import ConfigError
 from disttrain.data.shards import DataError
+from disttrain.ood import detectors
 from disttrain.ood import scorers as scorer_registry
 from tests.conftest import REPO, recipe_env
 
@@ -70,8 +71,19 @@ def test_bad_input_is_named_before_the_long_pass(classifier, demo_root, tmp_path
     (unfinished / "status.json").write_text(json.dumps({"state": "preempted"}))
     ok = [f"id={demo_root}/test", f"ood=[{demo_root}/holdout]"]
     every = ", ".join(scorer_registry.names())
+    cvae_card = json.loads((classifier / "model" / "model.json").read_text())
+    cards = {"cvae": {**cvae_card, "architecture": "cvae", "arguments": {"num_classes": 10, "image_size": 32}},
+             "unknown_detector": {**cvae_card, "detector": "rejection_head9"},
+             "bigger_head": {**cvae_card, "arguments": {**cvae_card["arguments"], "num_outputs": 12}}}
+    for name, card in cards.items():
+        shutil.copytree(classifier, tmp_path / name)
+        (tmp_path / name / "model" / "model.json").write_text(json.dumps(card))
     cases = [
-        ([f"model={tmp_path}", *ok], "holds no classifier"),
+        ([f"model={tmp_path}", *ok], "holds no saved model"),
+        ([f"model={tmp_path / 'cvae'}", *ok], "holds a cvae, not a classifier"),
+        ([f"model={tmp_path / 'unknown_detector'}", *ok], "detector 'rejection_head9', which this disttrain does not "
+                                                           "know; known: classifier"),
+        ([f"model={tmp_path / 'bigger_head'}", *ok], "does not fit its card"),
         ([f"model={unfinished}", *ok], "has not finished"),
         ([f"model={classifier}", f"id={demo_root}/test", f"ood=[{empty}]"], "has no images"),
         ([f"model={classifier}", f"id={demo_root}/test", f"ood=[{tmp_path}/nowhere]"], "does not exist"),
@@ -92,7 +104,7 @@ def test_bad_input_is_named_before_the_long_pass(classifier, demo_root, tmp_path
     proc = subprocess.run([sys.executable, str(REPO / "recipes/evaluate.py"), "--preset", "debug",
                            f"run_dir={tmp_path}/run", f"model={tmp_path}", *ok], capture_output=True, text=True,
                           cwd=tmp_path, env=recipe_env(tmp_path), timeout=120)
-    assert proc.returncode == 2 and "holds no classifier" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "holds no saved model" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_splits_rank_from_a_trained_classifier(classifier, demo_root, tmp_path, capsys):
@@ -116,3 +128,43 @@ def test_splits_rank_from_a_trained_classifier(classifier, demo_root, tmp_path, 
     cli.main(["splits", "rank", "--predictions", str(tmp_path / "preds.npz"), "--num-id", "6", "--out",
               str(tmp_path / "again.json")])
     assert read_split(tmp_path / "again.json")["id"] == split["id"]
+
+
+class PixelDistance(detectors.Detector):
+    """A detector registered outside evaluate's code: the squared distance of an image to the mean
+    ID training image (fitted in one streaming pass); no classification, so no ID accuracy."""
+
+    def __init__(self, card, run_dir, **_options):
+        self.card, self.names, self.fit_passes, self.fitting = card, ["pixel_distance"], 1, ["pixel_distance"]
+        self.total, self.count = None, 0
+
+    def forward(self, images, labels, perturb=False, autocast=None):
+        return {"pixels": images.flatten(1).double().cpu()}
+
+    def fit_batch(self, fit_pass, outputs):
+        batch = outputs["pixels"]
+        self.total = batch.sum(0) if self.total is None else self.total + batch.sum(0)
+        self.count += len(batch)
+
+    def fit_end(self, fit_pass):
+        self.mean = self.total / self.count
+
+    def scores(self, outputs):
+        return {"pixel_distance": (outputs["pixels"] - self.mean).square().mean(1).numpy()}
+
+
+def test_a_registered_detector_is_scored_without_touching_evaluate(classifier, demo_root, tmp_path):
+    detectors.register("test_pixel_distance")(PixelDistance)
+    saved = tmp_path / "pixel-detector"
+    shutil.copytree(classifier, saved)
+    card = json.loads((saved / "model" / "model.json").read_text())
+    (saved / "model" / "model.json").write_text(json.dumps({**card, "detector": "test_pixel_distance"}))
+    recipe = load_recipe("evaluate")
+    recipe.main(["--preset", "debug", f"detector={saved}", f"id={demo_root}/test", f"fit={demo_root}/train",
+                 "fit_max_samples=300", "ood=[noise:uniform:40]", "tracking.enabled=false", "num_workers=0",
+                 "plots=false", f"run_dir={tmp_path / 'run'}"])
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [row["scorer"] for row in rows] == ["pixel_distance"] and np.isnan(rows[0]["id_accuracy"])
+    assert rows[0]["auroc"] > 0.9, rows  # uniform noise is far from the mean bird
+    scores = np.load(tmp_path / "run" / "scores.npz")
+    assert set(scores.files) == {f"pixel_distance/{name}" for name in ("test", "uniform-noise")}, scores.files

@@ -52,7 +52,7 @@ def test_pipeline_end_to_end_under_two_processes(launch, demo_root, standard, tm
         assert tuned.json("run.json")["world_size"] == 2 and tuned.json("replicas.json")["identical"]
         assert tuned.json("run.json")["strategy"] == ("deepspeed" if scale[method] else "ddp")
         card = json.loads((tuned.run_dir / "model" / "model.json").read_text())
-        assert card["method"] == method and card["init"] == "finetune" and card["stage"] == "finetune_oe"
+        assert card["method"] == method and card["details"]["init"] == "finetune" and card["stage"] == "finetune_oe"
         assert card["score"] == ("energy" if method == "energy_oe" else "msp")
         before = load_file(standard / "model" / "model.safetensors")
         after = load_file(tuned.run_dir / "model" / "model.safetensors")

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from disttrain.methods.cmg import STAGE2_LOSSES
 from disttrain.methods.outlier_exposure import OBJECTIVES
+from disttrain.models.cards import classifier_card
 from disttrain.ood import scorers as scorer_registry
 from disttrain.ood.paper_tables import density_grid, density_values, seed_stat
 from tests.conftest import REPO, recipe_command, recipe_env
@@ -32,7 +33,10 @@ def write_json(path: Path, data: object) -> None:
 def fake_model(root: Path, name: str, seed: int, card: dict, data_root: str | None = "/data/shards/cub") -> Path:
     """A finished model run dir: model/model.json, status.json and (unless data_root is None) config.json."""
     run_dir = root / "models" / name
-    write_json(run_dir / "model" / "model.json", {"model": "resnet10t", "num_classes": 4, **card})
+    typed = classifier_card({"name": "resnet10t"}, 4, ["a", "b", "c", "d"], 32, 36, stage=card["stage"],
+                            method=card.get("method", ""), score=card.get("score", ""),
+                            details={k: v for k, v in card.items() if k not in ("stage", "method", "score")})
+    write_json(run_dir / "model" / "model.json", typed.to_dict())
     write_json(run_dir / "status.json", {"state": "finished", "stage": card["stage"]})
     if data_root is not None:
         write_json(run_dir / "config.json", {"stage": card["stage"],

@@ -13,10 +13,11 @@ from disttrain.errors import ConfigError
 
 @dataclass
 class EvaluateConfig:
-    """Score ID and OOD sets with post-hoc scorers on a trained classifier."""
+    """Score ID and OOD sets with a detector: by default a trained classifier with post-hoc scorers."""
 
     run_dir: str = REQUIRED
-    model: str = REQUIRED  # run dir of a finished classifier stage (it holds model/)
+    model: str = ""  # run dir of a finished classifier stage (it holds model/)
+    detector: str = ""  # run dir of a finished stage whose card names another detector kind (empty: model + scorers)
     id: str = REQUIRED  # ID test set: a shard split, an image folder
     ood: list[str] = field(default_factory=list)  # OOD sets: shard splits, image folders, noise:gaussian|uniform[:N]
     fit: str = ""  # ID training split for scorers fitted on ID statistics (never the test set)
@@ -39,6 +40,9 @@ class EvaluateConfig:
     STAGE: typing.ClassVar[str] = "evaluate"
 
     def validate(self) -> None:
+        if not (self.model or self.detector):
+            raise ConfigError("model=<run dir of a finished classifier stage> is required (or detector=<run dir of "
+                              "a finished stage that saves a detector>)")
         if not self.ood:
             raise ConfigError("ood=[...] is required: at least one OOD set "
                               "(e.g. ood=[demo_data/holdout,noise:gaussian])")

@@ -4,6 +4,7 @@ fine-grained and coarse benchmarks)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -140,7 +141,6 @@ class SweepOEConfig:
         for item in [*self.grid, *self.finetune]:
             if "=" not in item:
                 raise ConfigError(f"{item!r} in grid/finetune: expected key=value (grid: key=v1|v2|...)")
-        self.trial_overrides()  # every trial's finetune_oe config must build: errors now, not after trial 3
 
     def validation_sets(self, id_train: str) -> list[str]:
         """The validation specs: `val` as given, else one synthetic set per kind."""
@@ -161,17 +161,10 @@ class SweepOEConfig:
         return out
 
     def trial_overrides(self) -> list[dict[str, str]]:
-        """The finetune_oe overrides of every trial (the grid's cartesian product), each checked."""
-        import itertools
-
-        from disttrain.config.parse import build  # parse -> stages -> this module: imported when called
-
+        """The finetune_oe overrides of every trial (the grid's cartesian product); recipes/sweep_oe.py
+        builds each trial's config before the first one runs."""
         keys, value_lists = zip(*self.grid_values())
-        shared = dict(item.split("=", 1) for item in self.finetune)
-        trials = [dict(zip(keys, values)) for values in itertools.product(*value_lists)]
-        for trial in trials:
-            build(FinetuneOEConfig, self.finetune_preset or None, {"run_dir": "-", **shared, **trial})
-        return trials
+        return [dict(zip(keys, values)) for values in itertools.product(*value_lists)]
 
 
 def sweep_choice(sweep_dir: str) -> list[str]:

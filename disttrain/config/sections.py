@@ -6,8 +6,9 @@ the timm classifier and its image data. A leaf: it imports nothing of the projec
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from disttrain.errors import ConfigError
 
@@ -112,6 +113,11 @@ class ModelConfig:
     # no_maxpool = without its max-pool (/2: 32-64 px images at ~1/3 of small's compute, ImageNet weights fit);
     # small = one 3x3 stride-1 conv, no max-pool (/1: the CIFAR ResNet of cmg.txt 4.3)
     stem: Literal["imagenet", "no_maxpool", "small"] = "imagenet"
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of disttrain.models.classifier.build_classifier / check_classifier
+        (all but the number of outputs and the image size)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torchvision.transforms import v2
 
@@ -9,8 +11,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _to_normalized_tensor() -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def _to_normalized_tensor(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def train_transform(image_size: int, resize_size: int, augment: str = "resize_crop", hflip: bool = True) -> v2.Compose:
@@ -28,10 +30,12 @@ def train_transform(image_size: int, resize_size: int, augment: str = "resize_cr
     return v2.Compose([*crop, *flip, *_to_normalized_tensor()])
 
 
-def eval_transform(image_size: int, resize_size: int) -> v2.Compose:
-    """Resize to resize x resize, centre crop image_size."""
+def eval_transform(image_size: int, resize_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
+    """Resize to resize x resize, centre crop image_size, normalise with (mean, std) (a model
+    card's normalisation; ImageNet's by default)."""
     return v2.Compose([v2.Resize((resize_size, resize_size), antialias=True), v2.CenterCrop(image_size),
-                       *_to_normalized_tensor()])
+                       *_to_normalized_tensor(mean, std)])
 
 
 def generator_transform(image_size: int, channels: int = 3, hflip: bool = False) -> v2.Compose:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import timm
 import torch
@@ -15,39 +15,40 @@ from torch import nn
 
 from disttrain.errors import ConfigError
 
-if TYPE_CHECKING:  # the model reads a ModelConfig's fields only: no import of the configs at run time
-    from disttrain.config.sections import ModelConfig
 
-
-def check_classifier_config(cfg: ModelConfig, image_size: int) -> None:
-    """Model name, weights file, stem and input size, checked before any compute (the size on a
-    weightless meta-device build)."""
-    if not timm.is_model(cfg.name):
-        close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
-        raise ConfigError(f"model.name={cfg.name!r} is not a timm model"
+def check_classifier(name: str, image_size: int, stem: str = "imagenet", drop_rate: float = 0.0,
+                     pretrained: bool = False, pretrained_file: str = "") -> None:
+    """Model name, weights file, stem and input size (the arguments of `build_classifier`), checked
+    before any compute (the size on a weightless meta-device build). The messages name the config
+    keys (model.*, data.image_size) a user sets them with."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise ConfigError(f"model.drop_rate={drop_rate} must be in [0, 1)")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ConfigError(f"model.name={name!r} is not a timm model"
                           + (f"; close: {', '.join(close)}" if close else ""))
-    if cfg.pretrained and not Path(cfg.pretrained_file).expanduser().is_file():
+    if pretrained and not Path(pretrained_file).expanduser().is_file():
         raise ConfigError(
-            f"model.pretrained_file={cfg.pretrained_file!r} does not exist. Weights are never downloaded at "
-            f"run time: put the ImageNet weights of {cfg.name} (timm's model.safetensors or pytorch_model.bin "
+            f"model.pretrained_file={pretrained_file!r} does not exist. Weights are never downloaded at "
+            f"run time: put the ImageNet weights of {name} (timm's model.safetensors or pytorch_model.bin "
             f"for it) at that path, or set model.pretrained=false")
-    pcfg = timm.get_pretrained_cfg(cfg.name)
+    pcfg = timm.get_pretrained_cfg(name)
     native = pcfg.input_size[-1] if pcfg is not None else image_size
     if pcfg is not None and pcfg.fixed_input_size and native != image_size:
-        raise ConfigError(f"model {cfg.name} only takes {native}px inputs but data.image_size={image_size}; "
+        raise ConfigError(f"model {name} only takes {native}px inputs but data.image_size={image_size}; "
                           f"set data.image_size={native} or pick a model without a fixed input size")
-    arch = split_model_name_tag(cfg.name)[0]
-    if cfg.stem != DEFAULT_STEM and arch not in resnet_models():
-        raise ConfigError(f"model.stem={cfg.stem} replaces the conv1 + maxpool stem of timm's ResNet class, which "
-                          f"{cfg.name} is not: pick a model of timm.list_models(module='resnet') "
+    arch = split_model_name_tag(name)[0]
+    if stem != DEFAULT_STEM and arch not in resnet_models():
+        raise ConfigError(f"model.stem={stem} replaces the conv1 + maxpool stem of timm's ResNet class, which "
+                          f"{name} is not: pick a model of timm.list_models(module='resnet') "
                           f"({', '.join(f + '*' for f in resnet_families())}) or set model.stem={DEFAULT_STEM}")
-    reduction = total_reduction(arch, cfg.stem)
+    reduction = total_reduction(arch, stem)
     if reduction is not None and image_size < reduction:
         # padding keeps every map at least 1x1, so a too small image trains without an error: on padding
         fits = {stem: total_reduction(arch, stem) for stem in STEMS} if arch in resnet_models() else {}
         others = [f"model.stem={stem} (from {least} px)" for stem, least in fits.items()
                   if (least or reduction) < reduction]
-        raise ConfigError(f"data.image_size={image_size} is too small for {cfg.name} with model.stem={cfg.stem}: "
+        raise ConfigError(f"data.image_size={image_size} is too small for {name} with model.stem={stem}: "
                           f"it downsamples by {reduction}, so its last feature map would hold less than one pixel "
                           f"of image (the rest: padding); use data.image_size >= {reduction} (a 1x1 final map)"
                           + (f", or {' / '.join(others)}" if others else ""))
@@ -125,14 +126,16 @@ def total_reduction(arch: str, stem: str = DEFAULT_STEM) -> int | None:
     return int(info[-1]["reduction"])
 
 
-def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> torch.nn.Module:
-    """Any timm model by name; `pretrained_file` initialises everything but the new classifier
-    head (timm drops a head whose class count differs). Never touches the network."""
-    check_classifier_config(cfg, image_size)
-    overlay = {"file": str(Path(cfg.pretrained_file).expanduser()), "num_classes": 1000} if cfg.pretrained else None
-    net = timm.create_model(cfg.name, pretrained=cfg.pretrained, pretrained_cfg_overlay=overlay,
-                            num_classes=num_classes, drop_rate=cfg.drop_rate)
-    return STEMS[cfg.stem](net)
+def build_classifier(name: str, num_outputs: int, image_size: int, stem: str = "imagenet",
+                     drop_rate: float = 0.0, pretrained: bool = False, pretrained_file: str = "") -> torch.nn.Module:
+    """Any timm model by name with `num_outputs` logits; with `pretrained`, `pretrained_file`
+    initialises everything but the new classifier head (timm drops a head whose class count
+    differs). Never touches the network."""
+    check_classifier(name, image_size, stem, drop_rate, pretrained, pretrained_file)
+    overlay = {"file": str(Path(pretrained_file).expanduser()), "num_classes": 1000} if pretrained else None
+    net = timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay,
+                            num_classes=num_outputs, drop_rate=drop_rate)
+    return STEMS[stem](net)
 
 
 def split_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:

@@ -15,6 +15,7 @@ watchdog thread ends a run whose ranks stall or whose launcher died, resumably.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import set_seed
@@ -36,6 +37,9 @@ from disttrain.runtime.exits import PREEMPTED_EXIT_CODE
 from disttrain.runtime.liveness import (RunLock, StatusFile, StopRequested, Watchdog, launched_by_a_launcher,
                                         read_status)
 from disttrain.runtime.tracking import PARENT_ENV, NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from disttrain.models.cards import ModelCard
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Run", "read_status", "start_run"]
 
@@ -357,9 +361,11 @@ class Run:
                                  f"data.{name}.excluded_classes": ",".join(map(str, excluded))[:500] or "none"})
         self.tracker.log_artifact(manifest_path, f"data/{name}")
 
-    def save_model(self, model: torch.nn.Module, ema: torch.nn.Module | None = None,
-                   info: dict[str, Any] | None = None) -> Path:
-        """Full (unsharded) weights into run_dir/model/ for the next stage; atomic like checkpoints."""
+    def save_model(self, model: torch.nn.Module, card: ModelCard, ema: torch.nn.Module | None = None) -> Path:
+        """Full (unsharded) weights into run_dir/model/ for the next stage, with their card (this
+        stage's name and whether an EMA is saved filled in); atomic like checkpoints."""
+        card = dataclasses.replace(card, stage=self.stage, ema=ema is not None)
+        card.check(f"the card of {self.stage}'s model")  # a recipe's mistake, before anything is written
         from safetensors.torch import save_file
 
         state = self.accelerator.get_state_dict(model)  # a collective under ZeRO-3 / FSDP
@@ -372,7 +378,7 @@ class Run:
             if ema is not None:
                 ema_state = ema.module.state_dict()
                 save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
-            files.write_json(tmp / "model.json", {**(info or {}), "stage": self.stage, "ema": ema is not None})
+            files.write_json(tmp / "model.json", card.to_dict())
             files.fsync_tree(tmp)
             if out.exists():
                 shutil.rmtree(out)

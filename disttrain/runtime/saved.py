@@ -9,46 +9,60 @@ from typing import Any
 import numpy as np
 import torch
 
-from disttrain.config import ConfigError, ModelConfig
+from disttrain.errors import ConfigError
+from disttrain.models.cards import ModelCard, build_network
 from disttrain.runtime.run import read_status
 
 
-def saved_model_card(run_dir: str | Path) -> dict[str, Any]:
-    """The model card of a finished stage; a clear error when `run_dir` is not one."""
-    card = Path(run_dir) / "model" / "model.json"
-    if not card.is_file():
-        raise ConfigError(f"{run_dir} holds no classifier ({card} is missing): point at the run dir of a "
-                          f"finished train_classifier (or fine-tuning) stage")
+def saved_model_card(run_dir: str | Path) -> ModelCard:
+    """The model card of a finished stage; a clear error when `run_dir` is not one, or its card is
+    unknown or inconsistent."""
+    path = Path(run_dir) / "model" / "model.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no saved model ({path} is missing): point at the run dir of a "
+                          f"finished stage that saves one (train_classifier, a fine-tuning stage, train_cvae)")
     state = read_status(run_dir).get("state")
     if state != "finished":
         raise ConfigError(f"{run_dir} is a stage that has not finished (status: {state}); resume it first")
-    return json.loads(card.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}): the run dir is damaged") from None
+    return ModelCard.from_dict(data, where=str(path))
 
 
-def build_saved_architecture(card: dict[str, Any]) -> torch.nn.Module:
-    """A fresh (untrained) network of the architecture a model card describes, with its outputs:
-    `num_outputs` (the ID classes plus, e.g., CMG-softmax's OOD class) or `num_classes`."""
-    from disttrain.models.classifier import build_classifier
-
-    model_cfg = ModelConfig(name=card["model"], stem=card_stem(card))
-    return build_classifier(model_cfg, int(card.get("num_outputs", card["num_classes"])), card["image_size"])
-
-
-def card_stem(card: dict[str, Any]) -> str:
-    """The model.stem a saved classifier was built with; cards written before model.stem existed
-    say `small_input_stem` (true: the small stem)."""
-    return card.get("stem") or ("small" if card.get("small_input_stem") else "imagenet")
-
-
-def load_saved_classifier(run_dir: str | Path, use_ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_saved_network(run_dir: str | Path, card: ModelCard, use_ema: bool = False) -> torch.nn.Module:
+    """The network `card` describes with the weights saved beside it (safetensors: never unpickled),
+    frozen and in eval mode; a clear error when the weights do not fit the card."""
     from safetensors.torch import load_file
 
-    card = saved_model_card(run_dir)
-    if use_ema and not card.get("ema"):
+    if use_ema and not card.ema:
         raise ConfigError(f"{run_dir} saved no EMA weights (its runtime.ema_decay was 0)")
-    model = build_saved_architecture(card)
-    model.load_state_dict(load_file(Path(run_dir) / "model" / ("ema.safetensors" if use_ema else "model.safetensors")))
-    return model.eval().requires_grad_(False), card
+    weights = Path(run_dir) / "model" / ("ema.safetensors" if use_ema else "model.safetensors")
+    if not weights.is_file():
+        raise ConfigError(f"{weights} is missing: the run dir is incomplete")
+    model = build_network(card)
+    try:
+        model.load_state_dict(load_file(weights))
+    except RuntimeError as err:
+        first = str(err).splitlines()[:3]
+        raise ConfigError(f"{weights} does not fit its card ({card.architecture} {card.arguments}): "
+                          f"{' '.join(first)}") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_saved_classifier(run_dir: str | Path, use_ema: bool = False) -> tuple[torch.nn.Module, ModelCard]:
+    """A finished classifier stage's network (frozen, eval mode) and its card."""
+    card = saved_model_card(run_dir)
+    expect_architecture(run_dir, card, "timm_classifier", "a classifier stage (train_classifier, finetune_oe, "
+                                                           "finetune_head)")
+    return load_saved_network(run_dir, card, use_ema), card
+
+
+def expect_architecture(run_dir: str | Path, card: ModelCard, architecture: str, what: str) -> None:
+    if card.architecture != architecture:
+        raise ConfigError(f"{run_dir} holds a {card.architecture} (saved by {card.stage or 'an older stage'}), "
+                          f"not a {architecture}: point at the run dir of {what}")
 
 
 def predict_saved_classifier(run_dir: str | Path, data: str, batch_size: int = 64,
@@ -60,37 +74,28 @@ def predict_saved_classifier(run_dir: str | Path, data: str, batch_size: int = 6
     model, card = load_saved_classifier(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    source = open_source(data, card["image_size"])
-    loader = source.loader(eval_transform(card["image_size"], card["resize_size"]), batch_size=batch_size, rank=0,
+    source = open_source(data, card.image_size)
+    loader = source.loader(eval_transform(card.image_size, card.resize_size), batch_size=batch_size, rank=0,
                            world_size=1, num_workers=num_workers)
     probs, labels = [], []
     with torch.no_grad():
         for images, batch_labels, _ in loader:
             probs.append(model(images.to(device)).float().softmax(1).cpu())
             labels.append(batch_labels)
-    if source.classes and len(source.classes) != card["num_classes"]:
-        raise ConfigError(f"{data} has {len(source.classes)} classes, the classifier {card['num_classes']}: "
+    if source.classes and len(source.classes) != card.num_classes:
+        raise ConfigError(f"{data} has {len(source.classes)} classes, the classifier {card.num_classes}: "
                           f"rank on the test split of the classes it was trained on")
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), card
 
 
-def saved_cvae_card(run_dir: str | Path) -> dict[str, Any]:
+def saved_cvae_card(run_dir: str | Path) -> ModelCard:
     """The card of a finished train_cvae stage; a clear error for anything else."""
     card = saved_model_card(run_dir)
-    if card.get("stage") != "train_cvae":
-        raise ConfigError(f"{run_dir} holds a {card.get('stage')!r} model, not a CVAE: point at the run dir of a "
-                          f"finished train_cvae stage")
+    expect_architecture(run_dir, card, "cvae", "a finished train_cvae stage")
     return card
 
 
-def load_saved_cvae(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_saved_cvae(run_dir: str | Path) -> tuple[torch.nn.Module, ModelCard]:
     """A finished train_cvae stage's CVAE (eval mode, frozen) and its card."""
-    from safetensors.torch import load_file
-
-    from disttrain.models.cvae import CVAE
-
     card = saved_cvae_card(run_dir)
-    model = CVAE(card["num_classes"], card["image_size"], card["channels"], card["variant"], card["latent_dim"],
-                 card["embed_dim"])
-    model.load_state_dict(load_file(Path(run_dir) / "model" / "model.safetensors"))
-    return model.eval().requires_grad_(False), card
+    return load_saved_network(run_dir, card), card
