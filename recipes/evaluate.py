@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
     card = saved_card(source_dir, "detector" if cfg.detector else "model")
     detector = detectors.build(card, source_dir, scorers=list(cfg.scorers), scorer_args=cfg.scorer_args,
                                use_ema=cfg.use_ema)
+    cfg.scorers = list(detector.names)  # the scores the table will hold, as the run's config records them
     image_size = card.image_size
     id_set = open_source(cfg.id, image_size)
     ood_sets = [open_source(spec, image_size) for spec in cfg.ood]

@@ -176,7 +176,7 @@ def test_bad_input_is_named_before_training(demo_root, standard, tmp_path):
     shutil.copytree(standard, unfinished)
     (unfinished / "status.json").write_text(json.dumps({"state": "running"}))
     assert "has not finished" in run(*finetune_args(demo_root, unfinished))
-    assert "holds no classifier" in run(*finetune_args(demo_root, tmp_path))
+    assert "holds no saved model" in run(*finetune_args(demo_root, tmp_path))
     pool, manifest = _labelled_pool(demo_root, tmp_path)
     message = run(*finetune_args(demo_root, standard, f"outliers.root={pool}",
                                  f"outliers.exclude_ids=[{','.join(manifest['class_ids'])}]"))
