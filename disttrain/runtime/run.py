@@ -217,8 +217,8 @@ class Run:
         return model.to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def prepare(self, *objects: Any) -> Any:
-        """Wrap what trains (models, optimizers) for the strategy; frozen networks stay outside.
-        Several trained networks are prepared one at a time, each with the optimizer
+        """Wrap what trains (models, optimizers) for the strategy; frozen networks stay outside
+        (`frozen`). Several trained networks are prepared one at a time, each with the optimizer
         that holds its parameters: FSDP2 shards one network per call, and under DeepSpeed each
         network gets its own engine (the same ZeRO config), which steps its own optimizer."""
         modules = [obj for obj in objects if isinstance(obj, torch.nn.Module)]
@@ -253,6 +253,15 @@ class Run:
             DeepSpeedEngineWrapper(network).backward(loss, sync_gradients=self.accelerator.sync_gradients)
         else:
             self.accelerator.backward(loss)
+
+    def frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A network this stage uses but never trains (a feature extractor, a teacher, a fixed
+        generator): on this rank's device, in eval mode, without gradients, in the compute precision
+        (bf16 / fp16 weights with runtime.precision bf16 / fp16, fp32 otherwise) and never wrapped or
+        sharded: every rank holds it whole, under every strategy. The loop never puts it in train mode
+        (it only touches its phases' networks); do not pass it to `prepare`."""
+        dtype = _COMPUTE_DTYPE.get(self.cfg.runtime.precision, torch.float32)
+        return self.place(module).to(dtype).eval().requires_grad_(False)
 
     def register(self, **states: Any) -> None:
         """Objects with state_dict/load_state_dict that go into every checkpoint, by name, stored as
@@ -462,6 +471,9 @@ def start_run(cfg: Any) -> Run:
     return Run(cfg)
 
 
+_COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _as_tuple(prepared: Any) -> tuple:
     return prepared if isinstance(prepared, tuple) else (prepared,)
 
@@ -476,7 +488,7 @@ def _pairs(modules: list[torch.nn.Module],
         if len(mine) != 1:
             raise ValueError(f"network {index} ({type(module).__name__}) passed to Run.prepare has {len(mine)} "
                              f"optimizers over its parameters; each trained network needs exactly one (a network "
-                             f"that is not trained is not prepared)")
+                             f"that is not trained goes to Run.frozen instead)")
         pairs.append((module, mine[0]))
         left.remove(mine[0])
     if left:
