@@ -93,9 +93,11 @@ def main(argv: list[str]) -> None:
             labels = torch.randint(0, train_split.num_classes, (n,), device=run.device)
             return G(torch.randn(n, LATENT, device=run.device), labels), labels
 
+        D_in_g = run.accelerator.unwrap_model(D)  # D as G's phase runs it: untrained there (see Phase)
+
         def g_main(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
             images, labels = fakes(batch[0].shape[0])
-            return {"loss": -D(tuner.augment(images), labels).mean()}
+            return {"loss": -D_in_g(tuner.augment(images), labels).mean()}
 
         def d_main(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
             reals, labels = batch[0].to(run.device), batch[1].to(run.device)
@@ -117,7 +119,7 @@ def main(argv: list[str]) -> None:
             return {"loss": (logits * 0).mean() + penalty * (R1_GAMMA / 2)}
 
         loop = TrainLoop(run, [Phase("G", G, g_opt, g_main), Phase("D", D, d_opt, d_main),
-                               Phase("D_r1", D, d_opt, d_r1, every=R1_EVERY)],
+                               Phase("D_r1", D, d_opt, d_r1, every=R1_EVERY, double_backward=True)],
                          hooks={"ema": ema, "flip": tuner}, data_counters=reader.problems)
         result = loop.fit(reader.loader, batches_per_epoch=reader.batches_per_epoch,
                           num_epochs=cfg.train.num_epochs, max_steps=cfg.train.max_steps)
@@ -130,7 +132,8 @@ def main(argv: list[str]) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       str(run.run_dir / "networks.safetensors"))
         d_losses = [h["train/D/loss"] for h in loop.history if "train/D/loss" in h]
-        summary = loop.summary(result, d_losses=d_losses, flip_p=tuner.p,
+        g_losses = [h["train/G/loss"] for h in loop.history if "train/G/loss" in h]
+        summary = loop.summary(result, d_losses=d_losses, g_losses=g_losses, flip_p=tuner.p,
                                r1_logged=any("loss/r1_penalty" in h for h in loop.history))
         run.finish(summary, step=result["step"])
         run.print_summary(summary)

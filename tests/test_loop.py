@@ -121,6 +121,27 @@ def test_accumulation_keeps_the_global_batch(tmp_path):
     assert loop.state.samples == 32
 
 
+def test_a_frozen_network_is_whole_in_eval_mode_and_never_trained(tmp_path):
+    """Run.frozen: on the device, eval mode, no gradients, not wrapped; the loop never flips it to
+    train mode (BatchNorm keeps its running statistics) nor changes a weight."""
+    run = make_run(tmp_path)
+    torch.manual_seed(0)
+    features = run.frozen(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)))
+    before = {k: v.clone() for k, v in features.state_dict().items()}
+    assert type(features) is torch.nn.Sequential and not features.training
+    assert all(not p.requires_grad and p.dtype == torch.float32 and p.device == run.device
+               for p in features.parameters())
+
+    def through_features(model):
+        return lambda batch: {"loss": torch.nn.functional.cross_entropy(model(features(batch[0])), batch[1])}
+
+    _, loop, _ = fit(run, through_features)
+    assert loop.state.step == 4 and not features.training
+    assert all(torch.equal(v, before[k]) for k, v in features.state_dict().items())
+    run.cfg.runtime.precision = "bf16"  # the compute precision (this process's accelerator stays fp32)
+    assert all(p.dtype == torch.bfloat16 for p in run.frozen(torch.nn.Linear(3, 3)).parameters())
+
+
 def test_own_states_round_trip_without_pickle(tmp_path):
     from disttrain.runtime.statefile import load_state, save_state
 

@@ -58,9 +58,24 @@ def test_sigterm_then_resume_equals_uninterrupted_for_every_network_and_hook(lau
     assert not differ, f"differ after resume: {differ[:8]}"
 
 
-def test_deepspeed_with_two_trained_networks_is_refused(launch, demo_root):
-    run = launch(GAN, *gan_args(demo_root, "runtime.strategy=deepspeed", "runtime.zero_stage=2"))
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_a_gan_with_one_engine_per_network(launch, demo_root):
+    run = launch(GAN, *gan_args(demo_root, "train.max_steps=10", "runtime.strategy=deepspeed", "runtime.zero_stage=2"))
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.json("run.json")["strategy"] == "deepspeed" and run.json("replicas.json")["identical"]
+    summary = run.json("summary.json")
+    assert summary["step"] == 10 and summary["r1_logged"] and summary["skipped_steps"] == 0
+    for losses in (summary["d_losses"], summary["g_losses"]):  # each engine steps its own network
+        assert len(losses) == 5 and statistics.pstdev(losses) > 0.05, summary
+    final = run.run_dir / "checkpoints" / "step-00000010"
+    assert (final / "pytorch_model").is_dir() and (final / "pytorch_model_1").is_dir()  # G's engine, D's engine
+    assert "create a separate `Accelerator()`" not in run.output
+
+
+def test_fsdp_refuses_r1s_double_backward_before_compute(launch, demo_root):
+    run = launch(GAN, *gan_args(demo_root, "runtime.strategy=fsdp"))
     assert run.returncode != 0 and run.json("run.json")["world_size"] == 2, run.output[-3000:]
     assert run.status()["state"] == "failed" and not list((run.run_dir / "checkpoints").glob("step-*"))
-    errors = [line for line in run.output.splitlines() if "runtime.strategy=deepspeed" in line]
-    assert errors and "use runtime.strategy=ddp or fsdp" in errors[0] and "trains 2" in errors[0], run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
+    assert errors and "phase 'D_r1'" in errors[0] and "double backward" in errors[0], run.output[-3000:]
+    assert "use runtime.strategy=ddp, or deepspeed with runtime.zero_stage=1 or 2" in errors[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Callable
 
 from disttrain.config import ConfigError
@@ -30,6 +31,13 @@ def entrypoint(main: Callable[[list[str]], None]) -> None:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         record_exit(code)
         raise
+    except Exception as err:  # noqa: BLE001 -- reported and ended below, never swallowed
+        record_exit(1, f"{type(err).__name__}: {err}")
+        # ended as a SystemExit: an exception left raised keeps its frames, and the DataLoader iterators
+        # they hold, alive into interpreter shutdown, which then waits forever for data workers that
+        # ignore SIGTERM (disttrain.data.shards.ignore_stop_signals)
+        traceback.print_exc()
+        sys.exit(1)
     except BaseException as err:
         record_exit(1, f"{type(err).__name__}: {err}")
         raise

@@ -4,7 +4,8 @@ The strategy is either named in the config (`runtime.strategy=ddp|fsdp|deepspeed
 with `auto`, taken from what `accelerate launch --config_file recipes/accelerate/*.yaml`
 put in the environment. Without CUDA every strategy runs on the CPU over gloo: DDP via
 `Accelerator(cpu=True)`; DeepSpeed via its CPU accelerator, which accelerate only allows
-with `cpu=False`, so there the backend is forced to gloo instead.
+with `cpu=False`, so there the backend is forced to gloo instead. A stage with several trained
+networks under DeepSpeed gets one engine per network from the one plugin (`Run.prepare`).
 """
 
 from __future__ import annotations

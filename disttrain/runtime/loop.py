@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from disttrain.config import ConfigError
 from disttrain.data.stream import check_damage
 from disttrain.runtime.report import write_history
 from disttrain.runtime.run import Run
@@ -54,7 +55,15 @@ class Phase:
 
     `networks`: the prepared networks this phase trains (the parameters of theirs that were
     trainable when the loop was made get gradients here; every other network of the loop is
-    frozen for the phase). `grad_clip`: None takes `runtime.grad_clip`."""
+    frozen for the phase). `grad_clip`: None takes `runtime.grad_clip`.
+
+    A step function that runs a network its phase does not train (G's phase through D) calls
+    `run.accelerator.unwrap_model(net)`: the same network under DDP and FSDP, the bare module of
+    its engine under DeepSpeed, whose engines take part in the backward of any loss they feed.
+    Under DeepSpeed a phase trains one network (its engine runs the backward and the step).
+    `double_backward`: the step function differentiates through a gradient (R1, path length:
+    `torch.autograd.grad(..., create_graph=True)`), which sharded parameters (FSDP, ZeRO-3) do not
+    survive; such a phase is refused there before any compute."""
 
     name: str
     networks: Sequence[torch.nn.Module] | torch.nn.Module
@@ -63,6 +72,7 @@ class Phase:
     scheduler: Any = None
     every: int = 1  # run on steps 0, N, 2N, ...; the loss is multiplied by N (lazy regularisation)
     grad_clip: float | None = None
+    double_backward: bool = False
 
     def __post_init__(self) -> None:
         self.networks = [self.networks] if isinstance(self.networks, torch.nn.Module) else list(self.networks)
@@ -159,11 +169,37 @@ class TrainLoop:
         self.perf = Throughput(run.device, run.world_size)
         self.last_eval: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        self._engine_skipped = 0  # DeepSpeed's count of the steps it skipped, as last seen
+        self._engine_skipped: dict[int, int] = {}  # DeepSpeed's count of the steps each engine skipped, as last seen
         self._micro_batch = 0  # the micro-batch of the epoch being stepped (for error messages)
+        self._check_strategy(run)
+        self._phase: Phase | None = None  # the phase running
         schedulers = {("scheduler" if len(self.phases) == 1 else f"scheduler_{phase.name}"): phase.scheduler
                       for phase in self.phases}
         run.register(loop=self.state, **schedulers, ema=ema, **{f"hook_{name}": h for name, h in self.hooks.items()})
+
+    def _check_strategy(self, run: Run) -> None:
+        """Refuse, before any compute, phases the run's strategy cannot train."""
+        if run.strategy == "deepspeed":
+            counts = {phase.name: len(phase.networks) for phase in self.phases}
+            if any(count != 1 for count in counts.values()):
+                raise ValueError(f"under DeepSpeed a phase trains one network (one engine each); networks per "
+                                 f"phase: {counts}")
+        double = [phase.name for phase in self.phases if phase.double_backward]
+        if double and run.params_sharded:
+            sharding, error = (("runtime.strategy=fsdp", "setStorage: ... out of bounds for storage of size 0")
+                               if run.strategy == "fsdp" else ("DeepSpeed ZeRO-3", "mat2 must be a matrix"))
+            raise ConfigError(
+                f"phase {double[0]!r} differentiates through a gradient (a double backward, e.g. R1), which "
+                f"{sharding} cannot run: the second backward needs whole parameters that sharding has already "
+                f"released (it fails with {error!r}); use runtime.strategy=ddp, or deepspeed with "
+                f"runtime.zero_stage=1 or 2")
+        if double and run.strategy == "deepspeed" and run.grad_accum_steps > 1:
+            raise ConfigError(
+                f"phase {double[0]!r} differentiates through a gradient (e.g. R1), which DeepSpeed gets wrong with "
+                f"gradient accumulation: it divides the gradient reaching an engine's output by the "
+                f"{run.grad_accum_steps} accumulation steps inside torch.autograd.grad too, shrinking such a penalty "
+                f"{run.grad_accum_steps ** 2}-fold; pick batch sizes without accumulation (batch.global_size = "
+                f"processes x batch.micro_size) or runtime.strategy=ddp")
 
     def _metric(self, phase: Phase, key: str) -> str:
         """train/<key> for a one-phase stage, train/<phase>/<key> when there are several."""
@@ -192,6 +228,7 @@ class TrainLoop:
         micro-batches still make their update.
         """
         self._train_only(phase)
+        self._phase = phase
         others = [net for net in self.networks if all(net is not mine for mine in phase.networks)]
         bad = False
         first = self.state.batch_in_epoch - len(window)  # the window's first micro-batch in the epoch
@@ -213,7 +250,7 @@ class TrainLoop:
                 else:
                     for key, value in out.items():
                         self.stats.add(self._metric(phase, key), value)
-                self.acc.backward(loss * phase.every if phase.every > 1 else loss)
+                self.run.backward(loss * phase.every if phase.every > 1 else loss, phase.networks[0])
                 if self.acc.sync_gradients:
                     if bad or not self._clip_and_check(phase):
                         if self.run.strategy != "deepspeed":  # DeepSpeed has stepped inside backward already
@@ -226,6 +263,15 @@ class TrainLoop:
                     if phase.scheduler is not None:
                         phase.scheduler.step()
 
+    def _engine_called(self, engine: torch.nn.Module, _inputs: Any) -> None:
+        """Under DeepSpeed an engine joins the backward of every loss its output feeds (and fails when
+        it has no gradient of its own there): one its phase does not train must not be called."""
+        phase = self._phase
+        if phase is not None and torch.is_grad_enabled() and all(engine is not net for net in phase.networks):
+            name = type(engine.module).__name__
+            raise RuntimeError(f"phase {phase.name!r} called the DeepSpeed engine of {name}, which it does not "
+                               f"train; call run.accelerator.unwrap_model(...) of it in that phase's step function")
+
     def _of(self, phase: Phase) -> str:
         return "" if len(self.phases) == 1 else f" of phase {phase.name}"
 
@@ -233,8 +279,10 @@ class TrainLoop:
         if self.run.strategy == "deepspeed":
             # the engine clips (gradient_clipping in its config) and steps inside backward; it skips a
             # step with non-finite gradients itself and, in fp32/bf16, says nothing: surface it here
-            skipped = getattr(self.model, "skipped_steps", 0)
-            fresh, self._engine_skipped = skipped > self._engine_skipped, skipped
+            engine = phase.networks[0]  # the phase's own engine (one per trained network)
+            skipped = getattr(engine, "skipped_steps", 0)
+            fresh = skipped > self._engine_skipped.get(id(engine), 0)
+            self._engine_skipped[id(engine)] = skipped
             if fresh:
                 self._nonfinite("gradient (DeepSpeed skipped its optimizer step)", torch.tensor(float("nan")))
             return not fresh
@@ -294,15 +342,21 @@ class TrainLoop:
         self._started = time.perf_counter()
         self.run.progress("resume")
         self.run.resume()
-        self._engine_skipped = getattr(self.model, "skipped_steps", 0)  # restored with the engine's state
+        # restored with the engines' state
+        self._engine_skipped = {id(net): getattr(net, "skipped_steps", 0) for net in self.networks}
         bar = tqdm(total=total, initial=self.state.step, disable=not (self.run.is_main and self.cfg.progress_bar),
                    desc=self.run.stage, dynamic_ncols=True, mininterval=1.0)
         self._set_train(True)
         _TRAINING.append(self)
+        guards = [net.register_forward_pre_hook(self._engine_called) for net in self.networks
+                  if self.run.strategy == "deepspeed" and len(self.networks) > 1]
         try:
             self._epochs(loader_for_epoch, accum, steps_per_epoch, total, num_epochs, bar)
         finally:
             _TRAINING.remove(self)
+            self._phase = None
+            for guard in guards:
+                guard.remove()
         bar.close()
         self._count_data()
         # the final state is on disk before the final evaluation: if that fails (a damaged test

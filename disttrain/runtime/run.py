@@ -17,16 +17,19 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DeepSpeedEngineWrapper, set_seed
 
 from disttrain import config as config_lib
 from disttrain import files
@@ -218,16 +221,51 @@ class Run:
         return model.to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def prepare(self, *objects: Any) -> Any:
-        """Wrap what trains (models, optimizers) for the strategy; frozen nets stay outside.
-        Several trained networks work under DDP and FSDP; DeepSpeed is refused for them here
-        (Accelerate drives one engine through `accelerator.backward`)."""
-        trained = sum(isinstance(obj, torch.nn.Module) for obj in objects)
-        if self.strategy == "deepspeed" and trained > 1:
-            raise ConfigError(f"runtime.strategy=deepspeed trains one network per stage here (one engine); this "
-                              f"stage trains {trained}: use runtime.strategy=ddp or fsdp")
-        out = self.accelerator.prepare(*objects)
+        """Wrap what trains (models, optimizers) for the strategy; frozen networks stay outside
+        (`frozen`). Several trained networks are prepared one at a time, each with the optimizer
+        that holds its parameters: FSDP2 shards one network per call, and under DeepSpeed each
+        network gets its own engine (the same ZeRO config), which steps its own optimizer."""
+        modules = [obj for obj in objects if isinstance(obj, torch.nn.Module)]
+        if len(modules) < 2:
+            out = self.accelerator.prepare(*objects)
+        else:
+            self._check_several_networks(len(modules))
+            prepared = {}  # id(object) -> its prepared self
+            for module, optimizer in _pairs(modules, [o for o in objects if isinstance(o, torch.optim.Optimizer)]):
+                with _one_engine_per_network_is_intended():
+                    prepared[id(module)], prepared[id(optimizer)] = self.accelerator.prepare(module, optimizer)
+            rest = [obj for obj in objects if id(obj) not in prepared]
+            if rest:
+                prepared.update(zip(map(id, rest), _as_tuple(self.accelerator.prepare(*rest))))
+            out = tuple(prepared[id(obj)] for obj in objects)
         set_seed(self.cfg.runtime.seed + 1000 * self.rank)  # from here on each rank has its own stream
         return out
+
+    def _check_several_networks(self, trained: int) -> None:
+        """Refuse, before any compute, a strategy that cannot train several networks here."""
+        if self.strategy == "deepspeed" and self.zero_stage == 3:
+            raise ConfigError(
+                f"this stage trains {trained} networks, which runtime.strategy=deepspeed supports with ZeRO-1/2 "
+                f"(one engine per network, parameters whole on every rank); ZeRO-3 with several engines is not "
+                f"supported here: use runtime.zero_stage=1 or 2, or runtime.strategy=ddp or fsdp")
+
+    def backward(self, loss: torch.Tensor, network: torch.nn.Module) -> None:
+        """Backward of a loss that trains `network`: accelerate's, except under DeepSpeed, where
+        `network` is an engine and its own backward is used (accelerate's `backward` always drives
+        the first engine it prepared); an engine steps its optimizer at the accumulation boundary."""
+        if self.strategy == "deepspeed":
+            DeepSpeedEngineWrapper(network).backward(loss, sync_gradients=self.accelerator.sync_gradients)
+        else:
+            self.accelerator.backward(loss)
+
+    def frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A network this stage uses but never trains (a feature extractor, a teacher, a fixed
+        generator): on this rank's device, in eval mode, without gradients, in the compute precision
+        (bf16 / fp16 weights with runtime.precision bf16 / fp16, fp32 otherwise) and never wrapped or
+        sharded: every rank holds it whole, under every strategy. The loop never puts it in train mode
+        (it only touches its phases' networks); do not pass it to `prepare`."""
+        dtype = _COMPUTE_DTYPE.get(self.cfg.runtime.precision, torch.float32)
+        return self.place(module).to(dtype).eval().requires_grad_(False)
 
     def register(self, **states: Any) -> None:
         """Objects with state_dict/load_state_dict that go into every checkpoint, by name, stored as
@@ -437,3 +475,46 @@ class Run:
 
 def start_run(cfg: Any) -> Run:
     return Run(cfg)
+
+
+_COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _as_tuple(prepared: Any) -> tuple:
+    return prepared if isinstance(prepared, tuple) else (prepared,)
+
+
+def _pairs(modules: list[torch.nn.Module],
+           optimizers: list[torch.optim.Optimizer]) -> list[tuple[torch.nn.Module, torch.optim.Optimizer]]:
+    """Each trained network with the one optimizer whose parameters are all its own."""
+    pairs, left = [], list(optimizers)
+    for index, module in enumerate(modules):
+        own = {id(p) for p in module.parameters()}
+        mine = [o for o in left if all(id(p) in own for group in o.param_groups for p in group["params"])]
+        if len(mine) != 1:
+            raise ValueError(f"network {index} ({type(module).__name__}) passed to Run.prepare has {len(mine)} "
+                             f"optimizers over its parameters; each trained network needs exactly one (a network "
+                             f"that is not trained goes to Run.frozen instead)")
+        pairs.append((module, mine[0]))
+        left.remove(mine[0])
+    if left:
+        raise ValueError(f"{len(left)} optimizer(s) passed to Run.prepare hold parameters of no single network")
+    return pairs
+
+
+class _NotAnotherAccelerator(logging.Filter):
+    """Drops accelerate's advice, on preparing a second DeepSpeed engine, to make another Accelerator:
+    here each engine runs its own backward (Run.backward)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "wrapped DeepSpeed engine reference" not in record.getMessage()
+
+
+@contextmanager
+def _one_engine_per_network_is_intended() -> Iterator[None]:
+    log, quiet = logging.getLogger("accelerate.accelerator"), _NotAnotherAccelerator()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
