@@ -75,8 +75,9 @@ def predict_saved_classifier(run_dir: str | Path, data: str, batch_size: int = 6
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     source = open_source(data, card.image_size)
-    loader = source.loader(eval_transform(card.image_size, card.resize_size), batch_size=batch_size, rank=0,
-                           world_size=1, num_workers=num_workers)
+    transform = eval_transform(card.image_size, card.resize_size, card.normalization["mean"],
+                               card.normalization["std"])
+    loader = source.loader(transform, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers)
     probs, labels = [], []
     with torch.no_grad():
         for images, batch_labels, _ in loader:
