@@ -48,7 +48,7 @@ from disttrain.runtime import Phase, TrainLoop, entrypoint, read_status, start_r
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
-from disttrain.runtime.saved import load_saved_classifier, saved_model_card
+from disttrain.runtime.saved import check_card_fits_data, load_saved_classifier, saved_model_card
 
 PSEUDO_DIR = "pseudo_ood"  # where synthesize writes its split
 INIT = {"frozen": "finetune", "unfrozen": "unfrozen", "direct": "direct"}  # the report's row suffix
@@ -66,17 +66,11 @@ def stage1_card(cfg: FinetuneHeadConfig, train_split: ShardSplit) -> ModelCard |
     if card.architecture != "timm_classifier":
         raise ConfigError(f"classifier={cfg.classifier!r} is a {card.architecture} (from {card.stage}), not a "
                           f"classifier")
-    if card.classes != train_split.classes:
-        raise ConfigError(f"classifier={cfg.classifier!r} was trained on {card.num_classes} classes "
-                          f"({card.classes[:3]}...), the ID split {train_split.root} has {train_split.num_classes} "
-                          f"({train_split.classes[:3]}...): fine-tune on the data the classifier learned")
     if card.num_outputs != card.num_classes:
         raise ConfigError(f"classifier={cfg.classifier!r} already has an OOD output (a cmg_softmax model): "
                           f"fine-tune its stage-1 classifier instead")
-    for key in ("image_size", "resize_size"):
-        if getattr(card, key) != getattr(cfg.data, key):
-            raise ConfigError(f"classifier={cfg.classifier!r} was trained with {key}={getattr(card, key)}: set "
-                              f"data.{key}={getattr(card, key)}")
+    check_card_fits_data(card, f"classifier={cfg.classifier!r}", train_split.classes, cfg.data, train_split.root,
+                         "fine-tune on the data the classifier learned")
     return card
 
 

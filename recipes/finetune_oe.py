@@ -45,7 +45,7 @@ from disttrain.runtime import Phase, TrainLoop, entrypoint, start_run
 from disttrain.runtime.classify import ClassifierEval
 from disttrain.runtime.loop import total_steps
 from disttrain.runtime.optim import build_optimizer, build_schedule
-from disttrain.runtime.saved import load_saved_classifier, saved_model_card
+from disttrain.runtime.saved import check_card_fits_data, load_saved_classifier, saved_model_card
 
 
 def standard_card(cfg: FinetuneOEConfig, train_split: ShardSplit) -> ModelCard | None:
@@ -59,14 +59,8 @@ def standard_card(cfg: FinetuneOEConfig, train_split: ShardSplit) -> ModelCard |
     if card.stage != "train_classifier":
         raise ConfigError(f"standard={cfg.standard!r} holds a {card.stage!r} model, not a Standard one: point "
                           f"at the run dir of a finished train_classifier stage")
-    if card.classes != train_split.classes:
-        raise ConfigError(f"standard={cfg.standard!r} was trained on {card.num_classes} classes "
-                          f"({card.classes[:3]}...), the ID split {train_split.root} has {train_split.num_classes} "
-                          f"({train_split.classes[:3]}...): fine-tune on the data the Standard model learned")
-    for key in ("image_size", "resize_size"):
-        if getattr(card, key) != getattr(cfg.data, key):
-            raise ConfigError(f"standard={cfg.standard!r} was trained with {key}={getattr(card, key)}: set "
-                              f"data.{key}={getattr(card, key)}")
+    check_card_fits_data(card, f"standard={cfg.standard!r}", train_split.classes, cfg.data, train_split.root,
+                         "fine-tune on the data the Standard model learned")
     return card
 
 

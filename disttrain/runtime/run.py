@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import DeepSpeedEngineWrapper, set_seed
+from accelerate.utils import DeepSpeedEngineWrapper, DistributedType, set_seed
 
 from disttrain import config as config_lib
 from disttrain import files
@@ -60,6 +60,11 @@ class Run:
         self.grad_accum_steps = batch.grad_accum_steps(self.world_size) if batch is not None else 1
         plugin = self.accelerator.state.deepspeed_plugin
         self.zero_stage = plugin.zero_stage if plugin is not None else 0
+        if self.strategy == "fsdp" and self.accelerator.distributed_type != DistributedType.FSDP and self.is_main:
+            # Accelerate shards only on GPU-like devices; the run still forwards in lock-step as FSDP would
+            print("note: runtime.strategy=fsdp without a GPU: Accelerate does not shard on the CPU, so the networks "
+                  "train with plain data parallelism here (a check of the config and the stage, not of FSDP)",
+                  file=sys.stderr, flush=True)
         if cfg.runtime.ema_decay and self.params_sharded:
             raise ConfigError(f"runtime.ema_decay > 0 needs whole parameters on every rank, which "
                               f"{self.strategy}{f' ZeRO-{self.zero_stage}' if self.zero_stage else ''} does not "

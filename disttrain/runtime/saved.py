@@ -59,6 +59,20 @@ def load_saved_classifier(run_dir: str | Path, use_ema: bool = False) -> tuple[t
     return load_saved_network(run_dir, card, use_ema), card
 
 
+def check_card_fits_data(card: ModelCard, option: str, classes: list[str], data: Any, split_root: Path,
+                         purpose: str) -> None:
+    """A saved classifier's card against the ID data a stage fine-tunes it on: the same classes in the
+    same order, and the same data.image_size and data.resize_size (`data`: the stage's data config);
+    `option=` names the setting (e.g. "standard='runs/...'"), `purpose` finishes the class message."""
+    if card.classes != classes:
+        raise ConfigError(f"{option} was trained on {card.num_classes} classes ({card.classes[:3]}...), the ID "
+                          f"split {split_root} has {len(classes)} ({classes[:3]}...): {purpose}")
+    for key in ("image_size", "resize_size"):
+        if getattr(card, key) != getattr(data, key):
+            raise ConfigError(f"{option} was trained with {key}={getattr(card, key)}: set "
+                              f"data.{key}={getattr(card, key)}")
+
+
 def expect_architecture(run_dir: str | Path, card: ModelCard, architecture: str, what: str) -> None:
     if card.architecture != architecture:
         raise ConfigError(f"{run_dir} holds a {card.architecture} (saved by {card.stage or 'an older stage'}), "
