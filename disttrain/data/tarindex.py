@@ -36,14 +36,21 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from disttrain.errors import DataError, MissingShardError
 
-if TYPE_CHECKING:
-    from disttrain.data.shards import ShardSplit
+
+class Split(Protocol):
+    """What the index needs of a shard split (`disttrain.data.shards.ShardSplit` is one): no import of
+    it here, since `shards` builds on this module."""
+
+    root: Path
+    manifest: dict[str, Any]
+    shard_names: list[str]
+    shard_sizes: list[int]
 
 
 # --------------------------------------------------------------------------- tar headers
@@ -348,7 +355,7 @@ class SplitIndex:
         return len(self.starts)
 
 
-def build_index(split: ShardSplit) -> SplitIndex:
+def build_index(split: Split) -> SplitIndex:
     """Load each shard's sidecar index, or scan its headers; compare the counts with the manifest."""
 
     started = time.perf_counter()
@@ -385,7 +392,7 @@ def build_index(split: ShardSplit) -> SplitIndex:
     return index
 
 
-def _compare_counts(split: ShardSplit, counts: list[int]) -> dict[str, int]:
+def _compare_counts(split: Split, counts: list[int]) -> dict[str, int]:
 
     listed = split.shard_sizes
     missing = [(name, n, c) for name, n, c in zip(split.shard_names, listed, counts) if c < n]
