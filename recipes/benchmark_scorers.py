@@ -46,7 +46,8 @@ from disttrain.ood.scorers import Features, vim_default_dim
 
 SKIPPED = {"gram": "pytorch-ood's Gram has no tensor-level fit (fit(loader) runs its feature_layers on inputs) "
                    "and predict_structured takes raw block maps, not precomputed Gram features; the inputs "
-                   "are N x C x H x W block maps, not part of this N x D benchmark"}
+                   "are N x C x H x W block maps, not part of this N x D benchmark",
+           "ood_class": "CMG-softmax's extra OOD output: pytorch-ood has no counterpart"}
 NOTES = {"odin": "pytorch-ood's ODIN needs a model and an input gradient even at eps=0; with eps=0 it is "
                  "MaxSoftmax(t=1000).predict_logits, which is what is timed; ours stores log(1 - max softmax) "
                  "(rank-equivalent; pearson on -max softmax)",
@@ -68,7 +69,8 @@ def import_pytorch_ood():
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SCORERS_SHA = hashlib.sha256(Path(ours_lib.__file__).read_bytes()).hexdigest()[:12]  # the code measured
+SCORERS_SHA = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(ours_lib.__file__).parent.glob("*.py")))
+                             ).hexdigest()[:12]  # the code measured
 
 
 # ----------------------------------------------------------------------------- data
@@ -250,7 +252,7 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     shas = sorted({r[k]["scorers_sha"] for r in rows if "ours" in r for k in ("ours", "theirs")} | {SCORERS_SHA})
     if len(shas) > 1:
-        print(f"WARNING: disttrain/ood/scorers.py changed during the run (sha256 {shas}): rerun", file=sys.stderr)
+        print(f"WARNING: disttrain/ood/scorers/ changed during the run (sha256 {shas}): rerun", file=sys.stderr)
     header = ("scorer", "ours fit s", "theirs fit s", "ours score s", "theirs score s", "time ratio",
               "ours peak MiB (+incr)", "theirs peak MiB (+incr)", "mem ratio", "spearman", "pearson")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -271,7 +273,7 @@ def main() -> None:
     tmp_out = out.with_name(out.name + ".tmp")
     config = {k: v for k, v in vars(args).items() if k not in ("child", "scores_file")}
     versions = {"torch": torch.__version__, "pytorch_ood": importlib.metadata.version("pytorch-ood"),
-                "scorers_py_sha256": shas}
+                "scorers_sha256": shas}
     tmp_out.write_text(json.dumps({"config": config, "versions": versions, "loadavg_1min": load,
                                    "rows": rows, "table": lines}, indent=2))
     os.replace(tmp_out, out)

@@ -656,5 +656,5 @@ def test_scoring_in_chunks_equals_scoring_at_once(monkeypatch):
     test = Features(logits=torch.randn(10, 3, generator=g), penultimate=torch.randn(10, 6, generator=g))
     scorer = scorers.get("mahalanobis").fit([fit])
     whole = scorer.score(test)
-    monkeypatch.setattr(scorers, "SCORE_CHUNK", 3)
+    monkeypatch.setattr(scorers.Mahalanobis, "score_chunk", 3)
     assert torch.equal(scorer.score(test), whole)
