@@ -107,9 +107,11 @@ def make_data(n: int, args, seed: int, ood: bool) -> tuple[Tensor, Tensor, Tenso
 
 # ----------------------------------------------------------------------------- the two libraries
 
-def run_ours(name: str, fit, test, args) -> tuple[Tensor, float, float]:
+def run_ours(name: str, fit, test, args, products: str | None = None) -> tuple[Tensor, float, float]:
     hyper = {"odin": {"temperature": 1000.0, "epsilon": 0.0}, "energy": {"temperature": 1.0},
              "react": {"percentile": 90.0}}.get(name, {})
+    if products and "products" in ours_lib.SCORERS[name].hyperparameters():
+        hyper = {**hyper, "products": products}
     _, _, weight, bias = head(args.dim, args.classes, args.seed)
     t0 = time.perf_counter()  # as for theirs, building the scorer (ViM: pinv(W)) counts as fitting
     scorer = ours_lib.get(name, **hyper)
@@ -183,8 +185,9 @@ def child(args) -> None:
     except OSError:
         reset = False
     fit_s, score_s = [], []
-    with torch.no_grad():
-        for _ in range(args.repeats):
+    started = time.perf_counter()
+    with torch.no_grad():  # at least --repeats, more for fast scorers: until --min-seconds have passed
+        while len(fit_s) < args.repeats or (time.perf_counter() - started < args.min_seconds and len(fit_s) < 1000):
             scores, f, s = (run_ours if lib == "ours" else run_theirs)(name, fit, test, args)
             fit_s.append(f)
             score_s.append(s)
@@ -192,21 +195,40 @@ def child(args) -> None:
             gc.collect()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     np.save(args.scores_file, scores)
+    agreement = {}
+    if lib == "ours" and args.reference:  # the all-float64 reference: the same scorer on float64 features
+        with torch.no_grad():
+            as64 = lambda data: None if data is None else tuple(t.double() if t.is_floating_point() else t  # noqa: E731
+                                                               for t in data)
+            reference = run_ours(name, as64(fit), as64(test), args, products="float64")[0].double().numpy()
+        error = np.abs(scores - reference) / np.maximum(np.abs(reference), 1e-300)
+        agreement = {"max_rel_error_vs_float64": float(error.max()),
+                     "median_rel_error_vs_float64": float(np.median(error)),
+                     "ranks_equal_to_float64": bool((np.argsort(scores, kind="stable")
+                                                     == np.argsort(reference, kind="stable")).all())}
     print(json.dumps({"fit_s": statistics.median(fit_s), "score_s": statistics.median(score_s),
                       "fit_all_s": fit_s, "score_all_s": score_s, "peak_mib": peak,
-                      "data_rss_mib": base, "incr_mib": peak - base, "peak_reset": reset, "scorers_sha": SCORERS_SHA}))
+                      "data_rss_mib": base, "incr_mib": peak - base, "peak_reset": reset, "scorers_sha": SCORERS_SHA,
+                      **agreement}))
 
 
 def measure(lib: str, name: str, args, tmp: str) -> tuple[dict, np.ndarray]:
     path = os.path.join(tmp, f"{lib}-{name}.npy")
     cmd = [sys.executable, __file__, "--child", lib, name, "--scores-file", path] + [
         f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-        ("num_samples", "num_fit_samples", "dim", "classes", "batch_size", "repeats", "threads", "seed")]
+        ("num_samples", "num_fit_samples", "dim", "classes", "batch_size", "repeats", "min_seconds", "reference",
+         "threads", "seed")]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode:
         raise RuntimeError(f"{lib} {name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(path)
+
+
+def agreement(ours: dict) -> str:
+    if "max_rel_error_vs_float64" not in ours:
+        return "-"
+    return f"{ours['max_rel_error_vs_float64']:.1e}, {'equal' if ours['ranks_equal_to_float64'] else 'DIFFER'}"
 
 
 def main() -> None:
@@ -217,7 +239,11 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--scorers", default="all", help="comma-separated names, or 'all'")
     p.add_argument("--batch-size", type=int, default=8192, help="rows per fit_batch of our streaming fit")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats, at least")
+    p.add_argument("--min-seconds", type=float, default=2.0,
+                   help="repeat fast scorers until this much time has passed (medians of many ms-long runs)")
+    p.add_argument("--reference", type=int, default=1,
+                   help="1: also score ours on float64 features (untimed) and report the agreement with it")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/benchmark_scorers/results.json")
@@ -254,7 +280,8 @@ def main() -> None:
     if len(shas) > 1:
         print(f"WARNING: disttrain/ood/scorers/ changed during the run (sha256 {shas}): rerun", file=sys.stderr)
     header = ("scorer", "ours fit s", "theirs fit s", "ours score s", "theirs score s", "time ratio",
-              "ours peak MiB (+incr)", "theirs peak MiB (+incr)", "mem ratio", "spearman", "pearson")
+              "ours peak MiB (+incr)", "theirs peak MiB (+incr)", "mem ratio", "spearman", "pearson",
+              "ours vs float64: max rel err, ranks")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "skipped" in r:
@@ -264,7 +291,7 @@ def main() -> None:
         lines.append(f"| {r['scorer']} | {a['fit_s']:.3f} | {b['fit_s']:.3f} | {a['score_s']:.3f} | "
                      f"{b['score_s']:.3f} | {r['time_ratio']:.2f} | {a['peak_mib']:.0f} (+{a['incr_mib']:.0f}) | "
                      f"{b['peak_mib']:.0f} (+{b['incr_mib']:.0f}) | {r['memory_ratio']:.2f} | "
-                     f"{r['spearman']:.6f} | {r['pearson']:.6f} |")
+                     f"{r['spearman']:.6f} | {r['pearson']:.6f} | {agreement(a)} |")
     print(f"\n{args.num_samples} scored / {args.num_fit_samples} fit samples x {args.dim}-d, {args.classes} "
           f"classes, {args.threads} threads, median of {args.repeats}; ratios theirs/ours (>1: ours faster / "
           f"smaller; memory on the increments)\n" + "\n".join(lines))

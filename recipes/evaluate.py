@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     source_dir = cfg.detector or cfg.model
     card = saved_card(source_dir, "detector" if cfg.detector else "model")
     detector = detectors.build(card, source_dir, scorers=list(cfg.scorers), scorer_args=cfg.scorer_args,
-                               use_ema=cfg.use_ema)
+                               use_ema=cfg.use_ema, channels_last=cfg.runtime.channels_last)
     cfg.scorers = list(detector.names)  # the scores the table will hold, as the run's config records them
     image_size = card.image_size
     id_set = open_source(cfg.id, image_size)
@@ -73,6 +73,7 @@ def main(argv: list[str]) -> None:
 
     with start_run(cfg) as run:
         # -- the frozen detector: never prepared, the same weights on every rank ------------------
+        detector.keep_outputs_on_device = run.world_size == 1  # features, fit and scores stay on the device
         detector.setup(run.device)
         norm = card.normalization
         transform = eval_transform(image_size, card.resize_size, norm["mean"], norm["std"])

@@ -13,6 +13,7 @@ import torch
 
 from disttrain.ood import scorers
 from disttrain.ood.scorers import Features, gram_block_features, input_perturbation
+from disttrain.ood.scorers.sampling import Reservoir
 
 NUM_CLASSES = 5
 
@@ -335,15 +336,20 @@ def test_mahalanobis_matches_direct_computation_and_streaming_equals_one_batch()
     x_test = _gaussian_data(1, n=11)[0] + torch.randn(11, 6)
     want = _np_mahalanobis(x.double().numpy(), y.numpy(), x_test.double().numpy())
     whole = Features(logits=logits, penultimate=x, labels=y)
-    one = scorers.get("mahalanobis").fit([whole])
-    many = scorers.get("mahalanobis").fit(_split(whole, [7, 40, 1, 42]))
-    got_one = one.score(Features(logits=torch.zeros(11, 3), penultimate=x_test)).numpy()
-    got_many = many.score(Features(logits=torch.zeros(11, 3), penultimate=x_test)).numpy()
+    test = Features(logits=torch.zeros(11, 3), penultimate=x_test)
+    one = scorers.get("mahalanobis", products="float64").fit([whole])
+    many = scorers.get("mahalanobis", products="float64").fit(_split(whole, [7, 40, 1, 42]))
+    got_one, got_many = one.score(test).numpy(), many.score(test).numpy()
     np.testing.assert_allclose(got_one, want, rtol=1e-7)
     np.testing.assert_allclose(got_many, got_one, rtol=1e-9)
     # the fitted class means are the per-class sample means
     np.testing.assert_allclose(many.gaussians[0].class_means().numpy(),
                                np.stack([x[y == c].double().mean(0).numpy() for c in range(3)]), rtol=1e-12)
+    # the default float32 products: the covariance's rounding (~1e-7) amplified by its condition (~500 here)
+    for batches in ([whole], _split(whole, [7, 40, 1, 42])):
+        fast = scorers.get("mahalanobis").fit(batches).score(test).numpy()
+        np.testing.assert_allclose(fast, want, rtol=1e-4)
+        assert (np.argsort(fast) == np.argsort(want)).all()
 
 
 def test_mahalanobis_blocks_sum_the_per_block_minimal_distances():
@@ -351,7 +357,7 @@ def test_mahalanobis_blocks_sum_the_per_block_minimal_distances():
     a_test, b_test = _gaussian_data(4, n=9, d=4)[0], _gaussian_data(5, n=9, d=5)[0]
     maps = [a.view(len(a), 4, 1, 1).expand(-1, -1, 2, 2), b]  # a raw map is pooled, a pooled one kept
     fit = Features(logits=torch.zeros(len(a), 3), penultimate=None, blocks=maps, labels=y)
-    scorer = scorers.get("mahalanobis", use_blocks=True).fit(_split(fit, [45, 45]))
+    scorer = scorers.get("mahalanobis", use_blocks=True, products="float64").fit(_split(fit, [45, 45]))
     got = scorer.score(Features(logits=torch.zeros(9, 3), blocks=[a_test, b_test])).numpy()
     want = sum(_np_mahalanobis(u.double().numpy(), y.numpy(), v.double().numpy())
                for u, v in [(a, a_test), (b, b_test)])
@@ -446,13 +452,16 @@ def test_vim_matches_official_computation(dim):
     x = torch.randn(120, d, generator=g) * scales + 1
     x_test = torch.randn(9, d, generator=g) * 2
     logits, logits_test = x @ w.T + b, x_test @ w.T + b
-    scorer = scorers.get("vim", dim=dim, weight=w, bias=b)
-    scorer.fit(_split(Features(logits=logits, penultimate=x), [50, 70]))
-    assert scorer.principal_dim == (d // 2 if dim is None else dim)
-    got = scorer.score(Features(logits=logits_test, penultimate=x_test)).numpy()
-    want = _np_vim(w.double().numpy(), b.double().numpy(), x.double().numpy(), logits.double().numpy(),
-                   x_test.double().numpy(), logits_test.double().numpy(), scorer.principal_dim)
-    np.testing.assert_allclose(got, want, rtol=1e-8)
+    want = None
+    for products, rtol in (("float64", 1e-8), ("float32", 1e-5)):
+        scorer = scorers.get("vim", dim=dim, products=products, weight=w, bias=b)
+        scorer.fit(_split(Features(logits=logits, penultimate=x), [50, 70]))
+        assert scorer.principal_dim == (d // 2 if dim is None else dim)
+        got = scorer.score(Features(logits=logits_test, penultimate=x_test)).numpy()
+        if want is None:
+            want = _np_vim(w.double().numpy(), b.double().numpy(), x.double().numpy(), logits.double().numpy(),
+                           x_test.double().numpy(), logits_test.double().numpy(), scorer.principal_dim)
+        np.testing.assert_allclose(got, want, rtol=rtol)
 
 
 def test_vim_default_dim_rule():
@@ -483,6 +492,60 @@ def test_react_reservoir_estimates_the_percentile_and_is_seeded():
     exact = float(np.percentile(h.numpy(), 90))
     assert abs(fitted[0] - exact) < 0.01 and abs(fitted[2] - exact) < 0.01
     assert fitted[0] == fitted[1] != fitted[2]
+
+
+def test_the_reservoir_is_a_uniform_sample_and_accounts_for_every_row():
+    # every row ends in the sample or is handed back exactly once (Gram folds those into its min/max)
+    sample = Reservoir(100, seed=0)
+    handed_back = []
+    for start in range(0, 5000, 700):
+        rows = torch.arange(start, min(start + 700, 5000))
+        kept, (evicted,) = sample.add(rows)
+        handed_back += [rows[~kept], evicted]
+    assert len(sample) == 100
+    assert torch.equal(torch.cat([sample.columns[0], *handed_back]).sort().values, torch.arange(5000))
+    # uniform: each of 10 000 rows is in a 500-row sample with probability 0.05, early rows as late ones
+    hits = torch.zeros(10_000)
+    for seed in range(40):
+        sample = Reservoir(500, seed)
+        for start in range(0, 10_000, 1024):
+            sample.add(torch.arange(start, min(start + 1024, 10_000)), report=False)
+        hits[sample.columns[0]] += 1
+    per_decile = hits.view(10, 1000).sum(1) / (40 * 1000)
+    assert ((per_decile - 0.05).abs() < 0.006).all(), per_decile  # 5 sigma of a decile's mean
+    # exact while the stream fits: the whole stream, in order
+    small = Reservoir(64, seed=3)
+    small.add(torch.arange(40), report=False)
+    small.add(torch.arange(40, 64), report=False)
+    assert torch.equal(small.columns[0], torch.arange(64))
+
+
+@pytest.mark.parametrize("name", scorers.names())
+def test_scorers_fit_and_score_without_copying_to_the_host(name, monkeypatch):
+    """On a GPU the fit never copies the fit set to the host: no scorer calls .cpu(), .numpy() or
+    .tolist() while fitting or scoring (checked on CPU tensors, where the calls would be no-ops)."""
+    w = torch.cat([torch.eye(4), torch.zeros(4, 12)], 1)
+    scorer = _build(name, {}, torch.nn.Linear(16, 4))
+    if scorer.needs_classifier:
+        scorer.set_classifier(w, torch.zeros(4))
+    fit = _separable_features(0, 200, False, w)
+    if scorer.needs_blocks:
+        fit.blocks = [scorer.reduce_block(m) for m in fit.blocks]
+    if scorer.reads_extra_outputs:
+        fit.logits = torch.cat([fit.logits, fit.penultimate[:, 8:].sum(1, keepdim=True)], 1)
+
+    def host_copy(*args, **kwargs):
+        raise AssertionError(f"scorer {name!r} copies a tensor to the host")
+
+    for method in ("cpu", "numpy", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, host_copy)
+    scorer.fit(_split(fit, [120, 80]))
+    assert scorer.score(fit).shape == (200,)
+
+
+def test_products_is_a_checked_choice():
+    with pytest.raises(ValueError, match="products='float16': choose one of float32, float64"):
+        scorers.get("mahalanobis", products="float16")
 
 
 # ----------------------------------------------------------------------------- 3. higher = more OOD
@@ -657,4 +720,6 @@ def test_scoring_in_chunks_equals_scoring_at_once(monkeypatch):
     scorer = scorers.get("mahalanobis").fit([fit])
     whole = scorer.score(test)
     monkeypatch.setattr(scorers.Mahalanobis, "score_chunk", 3)
-    assert torch.equal(scorer.score(test), whole)
+    chunked = scorer.score(test)  # float32 triangular solves of 3 rows or 10: the same up to their rounding
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    assert not torch.equal(chunked[:3], scorer.score(test.rows(slice(3, 6))))

@@ -47,6 +47,10 @@ class Detector:
     fit_passes: int = 0  # passes over the ID training split before scoring (0: nothing to fit)
     fitting: list[str] = []  # the names of the scores that need the fit (for messages)
 
+    # evaluate sets it in a one-process run: outputs may stay on the images' device, where the fit and
+    # the scoring then run (with several processes they are gathered across ranks through the CPU)
+    keep_outputs_on_device: bool = False
+
     def setup(self, device: torch.device) -> None:
         """Move what it runs onto `device` (every rank, once the run has started); the weights are
         read when it is built, so a file that does not fit its card is named before any compute."""
@@ -150,11 +154,12 @@ class ClassifierScorers(Detector):
     among them."""
 
     def __init__(self, card: ModelCard, run_dir: str, scorers: list[str], scorer_args: list[str],
-                 use_ema: bool = False) -> None:
+                 use_ema: bool = False, channels_last: bool = False) -> None:
         if card.architecture != "timm_classifier":
             raise ConfigError(f"{run_dir} holds a {card.architecture}, not a classifier: point model= at the run "
                               f"dir of a classifier stage")
         self.card, self.run_dir, self.use_ema = card, run_dir, use_ema
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.names = list(scorers) + ([card.score] if card.score and card.score not in scorers else [])
         args = parse_scorer_args(scorer_args, self.names)
         try:
@@ -175,7 +180,7 @@ class ClassifierScorers(Detector):
         self.model = load_saved_network(run_dir, card, use_ema)
 
     def setup(self, device: torch.device) -> None:
-        model = self.model.to(device)
+        model = self.model.to(device, memory_format=self.memory_format)
         head = model.get_classifier()
         for scorer in self.scorers.values():
             if scorer.needs_classifier:  # ViM, ReAct recompute logits from the penultimate features
@@ -190,15 +195,17 @@ class ClassifierScorers(Detector):
                 autocast: Callable[[], Any] = contextlib.nullcontext) -> Outputs:
         """Features per extractor; with `perturb`, scorers with input preprocessing (ODIN) get the
         features of their perturbed inputs too (their input gradient in full precision)."""
+        images = images.contiguous(memory_format=self.memory_format)
+        move = (lambda features: features) if self.keep_outputs_on_device else to_cpu
         with torch.no_grad(), autocast():
-            out: Outputs = {key: to_cpu(ex(images, labels)) for key, ex in self.extractors.items()}
+            out: Outputs = {key: move(ex(images, labels)) for key, ex in self.extractors.items()}
         if perturb:
             for name, scorer in self.scorers.items():
                 if scorer.needs_input_grad:
                     ex = self.extractors[self.key_of[name]]
                     moved = scorer.perturb(ex, images)
                     with torch.no_grad():
-                        out[("perturbed", name)] = to_cpu(ex(moved, labels))
+                        out[("perturbed", name)] = move(ex(moved, labels))
         return out
 
     def fit_batch(self, fit_pass: int, outputs: Outputs) -> None:
@@ -225,7 +232,7 @@ class ClassifierScorers(Detector):
             features = outputs[("perturbed", name) if scorer.needs_input_grad else self.key_of[name]]
             if not scorer.reads_extra_outputs:  # the ID classes' logits (all of them but CMG-s's)
                 features = dataclasses.replace(features, logits=features.logits[:, :self.num_id])
-            out[name] = scorer.score(features).double().numpy()
+            out[name] = scorer.score(features).double().cpu().numpy()
         return out
 
     def accuracy(self, outputs: Outputs) -> float | None:

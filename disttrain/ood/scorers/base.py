@@ -39,7 +39,7 @@ from torch import Tensor
 
 BlockKind = Literal["pooled", "gram"]
 ScoreArray = TypeVar("ScoreArray", Tensor, np.ndarray)  # stored scores as returned, or as saved (scores.npz)
-SCORE_CHUNK = 8192  # rows per call for the scorers whose scoring makes N x D intermediates
+SCORE_CHUNK = 8192  # rows scored per call (Scorer.score_chunk): float64 copies of N x D or N x C stay small
 
 
 @dataclass
@@ -122,7 +122,7 @@ class Scorer:
     needs_penultimate: ClassVar[bool] = False
     needs_classifier: ClassVar[bool] = False
     reads_extra_outputs: ClassVar[bool] = False  # sees outputs beyond the ID classes' logits (CMG-softmax)
-    score_chunk: ClassVar[int] = 0  # rows scored per call, when scoring makes N x D intermediates (0: all at once)
+    score_chunk: ClassVar[int] = SCORE_CHUNK  # rows scored per call: bounds the intermediates (0: all at once)
     # may depend on hyper-parameters, so instances may override these three:
     needs_blocks: bool = False
     block_features: BlockKind | None = None

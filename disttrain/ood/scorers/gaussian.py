@@ -6,57 +6,49 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from disttrain.ood.scorers.base import SCORE_CHUNK, Features, Scorer, f64, non_negative, pooled_block_features, register
+from disttrain.ood.scorers.base import Features, Scorer, f64, non_negative, pooled_block_features, register
+from disttrain.ood.scorers.moments import GroupedMoments, Whitening, compute_dtype, products_dtype
 
 
 class _SharedGaussian:
     """Streaming class-conditional Gaussians with one shared covariance (Lee et al. 2018).
 
-    Per class: sum and count; overall: sum of outer products. Everything is shifted by the
-    first batch's mean (a constant: the scatter is shift-invariant, the shift only reduces
-    cancellation in sum x x^T - sum_c n_c mu_c mu_c^T), in float64.
     Covariance = within-class scatter / N (the MLE, as sklearn's EmpiricalCovariance in the
-    original code); precision = pinv (hermitian)."""
+    original code), accumulated by `GroupedMoments` (float32 products of class-centred rows,
+    float64 accumulation); precision = pinv, applied as a whitening (`Whitening`: a Cholesky
+    triangular solve per scored batch). Distances: with y = w(x - r) and nu_c = w(mu_c - r) for a
+    reference point r (the mean of the class means), (x - mu_c)^T P (x - mu_c) = ||y - nu_c||^2."""
 
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-        self.shift: Tensor | None = None
+    def __init__(self, num_classes: int, products: torch.dtype):
+        self.moments = GroupedMoments(num_classes, products)
+        self.products = products
+
+    @property
+    def counts(self) -> Tensor:
+        return self.moments.counts
 
     def update(self, x: Tensor, labels: Tensor) -> None:
-        x = f64(x.detach())
-        if self.shift is None:
-            d = x.shape[1]
-            self.shift = x.mean(0)
-            self.sums = x.new_zeros(self.num_classes, d)
-            self.counts = x.new_zeros(self.num_classes)
-            self.outer = x.new_zeros(d, d)
-        elif x.shape[1] != self.shift.shape[0]:
-            raise ValueError(f"feature width changed during fit: {x.shape[1]} vs {self.shift.shape[0]}")
-        xc = x - self.shift
-        self.sums.index_add_(0, labels, xc)
-        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-        self.outer += xc.T @ xc
+        self.moments.update(x, labels)
 
     def finalize(self) -> None:
-        seen = self.counts > 0
-        sums, counts = self.sums[seen], self.counts[seen]
-        means = sums / counts[:, None]                       # shifted class means [K_seen, D]
-        scatter = self.outer - sums.T @ means                 # sum x x^T - sum_c n_c mu_c mu_c^T
-        cov = scatter / counts.sum()
-        cov = (cov + cov.T) / 2
-        self.precision = torch.linalg.pinv(cov, hermitian=True)
-        self.means = means
-        self.mpm = ((means @ self.precision) * means).sum(1)  # mu_c^T P mu_c
-        del self.sums, self.outer
+        moments = self.moments
+        moments.finish()
+        seen = moments.counts > 0
+        self.means = moments.means()[seen]  # [K_seen, D] float64
+        self.whitening = Whitening(moments.scatter() / moments.total)
+        self.reference = self.means.mean(0).to(moments.shifts.dtype)  # r, exactly representable in the rows' dtype
+        self.whitened_means = self.whitening(self.means - self.reference.to(torch.float64))  # nu_c [K_seen, r]
+        del self.moments
 
     def class_means(self) -> Tensor:
-        return self.means + self.shift
+        return self.means
 
     def min_distance(self, x: Tensor) -> Tensor:
-        """min_c (x - mu_c)^T P (x - mu_c), without the [N, K, D] difference tensor."""
-        xc = f64(x) - self.shift.to(x.device)
-        xp = xc @ self.precision.to(x.device)
-        d = (xp * xc).sum(1, keepdim=True) - 2 * xp @ self.means.to(x.device).T + self.mpm.to(x.device)
+        """min_c (x - mu_c)^T P (x - mu_c) = min_c ||y - nu_c||^2, without an [N, K, D] tensor."""
+        dtype = compute_dtype(x, self.products)
+        y = f64(self.whitening(x.to(dtype) - self.reference.to(x.device, dtype)))
+        nu = self.whitened_means.to(x.device)
+        d = (y * y).sum(1, keepdim=True) - 2 * y @ nu.T + (nu * nu).sum(1)
         return d.amin(1)
 
 
@@ -69,14 +61,19 @@ class Mahalanobis(Scorer):
     global-average-pooled map (Features.blocks, block_features="pooled"), score = SUM over blocks
     of the per-block minimal distances (mixupoe App. D.2 following Hsu et al. 2020: plain sum, no
     learned weights). The penultimate features are then not added: for a ResNet they are the
-    pooled last block, which would count it twice. epsilon > 0: input preprocessing (`perturb`)."""
+    pooled last block, which would count it twice. epsilon > 0: input preprocessing (`perturb`).
+
+    products: the precision of the fit's and the scoring's matrix products ("float32", the default:
+    float64 accumulation of float32 GEMMs, see moments.py; "float64": all float64, about twice the
+    time, for features whose covariance is so ill-conditioned that float32 rounding matters)."""
 
     needs_fit = True
-    score_chunk = SCORE_CHUNK
     needs_labels = True
 
-    def __init__(self, *, use_blocks: bool = False, epsilon: float = 0.0):
+    def __init__(self, *, use_blocks: bool = False, epsilon: float = 0.0, products: str = "float32"):
         self.use_blocks = bool(use_blocks)
+        self.products = products
+        self._products = products_dtype(products)
         self.epsilon = non_negative("epsilon", epsilon)
         self.needs_input_grad = self.epsilon > 0
         self.needs_blocks = self.use_blocks
@@ -97,7 +94,7 @@ class Mahalanobis(Scorer):
         if labels.numel() and (labels.min() < 0 or labels.max() >= k):
             raise ValueError(f"scorer {self.name!r}: labels must lie in [0, {k}) (the logits' width)")
         if self.gaussians is None:
-            self.gaussians = [_SharedGaussian(k) for _ in inputs]
+            self.gaussians = [_SharedGaussian(k, self._products) for _ in inputs]
         if len(inputs) != len(self.gaussians):
             raise ValueError(f"got {len(inputs)} blocks, earlier batches had {len(self.gaussians)}")
         for g, x in zip(self.gaussians, inputs):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from disttrain.ood.scorers.base import SCORE_CHUNK, Features, Scorer, f64, register
+from disttrain.ood.scorers.base import Features, Scorer, f64, register
 from disttrain.ood.scorers.sampling import Reservoir
 
 
@@ -53,7 +53,6 @@ class Gram(Scorer):
     Classes never predicted during fit use the min/max over all classes."""
 
     needs_fit = True
-    score_chunk = SCORE_CHUNK
     needs_blocks = True
     block_features = "gram"
     EPS: ClassVar[float] = 1e-6

@@ -13,24 +13,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from disttrain.ood.scorers.base import Features, Scorer, ScoreArray, f64, native, non_negative, positive, register
+from disttrain.ood.scorers.base import Features, Scorer, ScoreArray, native, non_negative, positive, register
 
 
-def log_softmax64(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """log softmax [N, C] and log(1 - max softmax) [N], in float64, exact for saturated inputs.
+def log_softmax64(logits: Tensor, temperature: float = 1.0,
+                  probabilities: bool = True) -> tuple[Tensor | None, Tensor]:
+    """log softmax(logits / temperature) [N, C] (None without `probabilities`) and log(1 - max softmax)
+    [N], in float64, exact for saturated inputs.
 
     With c = argmax and r = log sum_{j != c} exp(z_j - z_c) (a logsumexp: no underflow):
         log p_j = z_j - z_c - log1p(e^r),    log(1 - p_c) = r - log1p(e^r).
     A float32 softmax is exactly 1.0 once the runner-up trails by ~17 (float64: ~37), and torch's
     log_softmax forms 1 + e^r before its log, so log p_c = 0 there; here log p_c = -e^r to full
     precision and 1 - p_c is never formed. Differentiable (the argmax's own term is masked with
-    -inf, which passes no gradient): ODIN's input preprocessing differentiates it."""
-    z = f64(logits)
-    top = z.argmax(1, keepdim=True)
-    shifted = z - z.gather(1, top)
-    rest = torch.logsumexp(shifted.scatter(1, top, -math.inf), 1)  # log(1 - p_c) - log(p_c)
+    -inf, which passes no gradient): ODIN's input preprocessing differentiates it. One float64
+    copy of the logits, updated in place (none of the in-place steps is one autograd needs)."""
+    z = logits.to(torch.float64, copy=True)
+    if temperature != 1.0:
+        z.div_(temperature)
+    top_value, top = z.max(1, keepdim=True)
+    z.sub_(top_value)
+    others = z.scatter(1, top, -math.inf) if probabilities else z.scatter_(1, top, -math.inf)
+    rest = torch.logsumexp(others, 1)  # log(1 - p_c) - log(p_c)
     log_norm = F.softplus(rest)  # log1p(e^r), exact for r << 0
-    return shifted - log_norm[:, None], rest - log_norm
+    return (z.sub_(log_norm[:, None]) if probabilities else None), rest - log_norm
 
 
 def expm1(scores: ScoreArray) -> ScoreArray:
@@ -49,7 +55,7 @@ class MSP(Scorer):
     `paper_score(scores)` = -max softmax = expm1(score)."""
 
     def _score(self, f: Features) -> Tensor:
-        return log_softmax64(f.logits)[1]
+        return log_softmax64(f.logits, probabilities=False)[1]
 
     @classmethod
     def confidence(cls, scores: ScoreArray) -> ScoreArray:
@@ -94,7 +100,7 @@ class ODIN(Scorer):
         super().__init__()
 
     def _score(self, f: Features) -> Tensor:
-        return log_softmax64(f64(f.logits) / self.temperature)[1]
+        return log_softmax64(f.logits, self.temperature, probabilities=False)[1]
 
     @classmethod
     def paper_score(cls, scores: ScoreArray) -> ScoreArray:
@@ -110,6 +116,8 @@ class Energy(Scorer):
         super().__init__()
 
     def _score(self, f: Features) -> Tensor:
+        if self.temperature == 1.0:
+            return -torch.logsumexp(native(f.logits), 1)
         return -self.temperature * torch.logsumexp(native(f.logits) / self.temperature, 1)
 
 

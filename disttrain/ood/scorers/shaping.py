@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from disttrain.ood.scorers.base import SCORE_CHUNK, ClassifierScorer, Features, native, register
+from disttrain.ood.scorers.base import ClassifierScorer, Features, native, register
 from disttrain.ood.scorers.sampling import Reservoir, linear_percentile
 
 
@@ -21,7 +21,6 @@ class ReAct(ClassifierScorer):
     rank error ~ sqrt(q(1-q)/size) ~ 3e-4 at the defaults); numpy's linear interpolation."""
 
     needs_fit = True
-    score_chunk = SCORE_CHUNK
 
     def __init__(self, *, percentile: float = 90.0, reservoir_size: int = 1_000_000, seed: int = 0,
                  weight: Tensor | None = None, bias: Tensor | None = None):

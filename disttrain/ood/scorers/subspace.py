@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from disttrain.ood.scorers.base import SCORE_CHUNK, ClassifierScorer, Features, f64, register
+from disttrain.ood.scorers.base import ClassifierScorer, Features, f64, register
+from disttrain.ood.scorers.moments import GroupedMoments, compute_dtype, products_dtype
 
 
 def vim_default_dim(width: int) -> int:
@@ -22,69 +23,83 @@ class ViM(ClassifierScorer):
         alpha * r(x) - logsumexp(logits).
     dim=None: 1000 if D >= 2048, 512 if D >= 768, else D // 2.
 
-    Two fit passes (fit_passes=2): pass 1 accumulates sum (x-u)(x-u)^T and the max-logit sum
-    (float64); its fit_end computes the subspace; pass 2 accumulates the residual norms; its
-    fit_end sets alpha. `fit(data)` runs both (data must be re-iterable or a callable)."""
+    Two fit passes (fit_passes=2): pass 1 accumulates sum (x-u)(x-u)^T and the max-logit sum; its
+    fit_end computes the subspace (float64 eigh, once); pass 2 accumulates the residual norms;
+    its fit_end sets alpha. `fit(data)` runs both (data must be re-iterable or a callable).
+
+    Speed and precision (`products`, as for Mahalanobis; see moments.py): the products run as
+    float32 GEMMs of rows centred on their predicted class's shift, accumulated in float64; the
+    residual is (x - s_c) N + (s_c - u) N for the predicted class c, the second term float64, so
+    the float32 product never sees the large common offset x - u."""
 
     needs_fit = True
-    score_chunk = SCORE_CHUNK
     fit_passes = 2
 
-    def __init__(self, *, dim: int | None = None, weight: Tensor | None = None, bias: Tensor | None = None):
+    def __init__(self, *, dim: int | None = None, products: str = "float32", weight: Tensor | None = None,
+                 bias: Tensor | None = None):
         if dim is not None and int(dim) < 1:
             raise ValueError(f"dim={dim} must be >= 1")
         self.dim = None if dim is None else int(dim)
+        self.products = products
+        self._products = products_dtype(products)
         super().__init__(weight=weight, bias=bias)
 
     def _classifier_set(self) -> None:
         self.origin = -(torch.linalg.pinv(self.weight) @ self.bias)  # u = -pinv(W) b
 
     def _reset_stats(self) -> None:
-        self._outer: Tensor | None = None
+        self._moments: GroupedMoments | None = None
         self._n = 0
         self._maxlogit_sum = 0.0
         self._residual_sum = 0.0
         self._n2 = 0
 
-    def _centred(self, f: Features) -> Tensor:
-        return f64(f.penultimate) - self.origin.to(f.penultimate.device)
-
     def _fit_batch(self, f: Features, pass_index: int) -> None:
-        x = self._centred(f)
         if pass_index == 0:
-            if self._outer is None:
-                self._outer = x.new_zeros(x.shape[1], x.shape[1])
-            self._outer += x.T @ x
+            if self._moments is None:
+                self._moments = GroupedMoments(f.logits.shape[1], self._products)
+            self._moments.update(f.penultimate, f.logits.argmax(1))
             self._n += len(f)
             self._maxlogit_sum += float(f64(f.logits).amax(1).sum())
         else:
-            self._residual_sum += float(self._residual(x).sum())
+            self._residual_sum += float(self._residual(f).sum())
             self._n2 += len(f)
 
     def _fit_end(self, pass_index: int) -> None:
         if pass_index == 0:
             if self._n == 0:
                 raise RuntimeError(f"scorer {self.name!r}: no ID samples seen during fit")
-            width = self._outer.shape[0]
+            moments = self._moments
+            moments.finish()
+            width = moments.outer.shape[0]
             dim = vim_default_dim(width) if self.dim is None else self.dim
             if not 0 < dim < width:
                 raise ValueError(f"scorer {self.name!r}: dim={dim} must be in [1, {width - 1}] for {width}-d features")
             self.principal_dim = dim
-            cov = self._outer / self._n
-            eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
-            order = eigvals.argsort(descending=True)
-            self.null_space = eigvecs[:, order[dim:]].contiguous()  # [D, D - dim]
-            self._outer = None
+            origin = self.origin.to(moments.outer.device)
+            eigvals, eigvecs = torch.linalg.eigh(moments.scatter(about=origin) / self._n)  # ascending
+            self.null_space = eigvecs[:, :width - dim].contiguous()  # [D, D - dim]: the smallest eigenvalues
+            # unseen classes are centred on the origin itself; the others on their shift
+            unseen = moments.counts == 0
+            self.shifts = moments.shifts.clone()
+            self.shifts[unseen] = origin.to(self.shifts.dtype)
+            self.offsets = (self.shifts.to(torch.float64) - origin) @ self.null_space  # (s_c - u) N, float64
+            self._null_space_products = self.null_space.to(self.shifts.dtype)
+            self._moments = None
         else:
             if self._n2 == 0:
                 raise RuntimeError(f"scorer {self.name!r}: no ID samples seen in the second fit pass")
             mean_residual = self._residual_sum / self._n2
             self.alpha = (self._maxlogit_sum / self._n) / mean_residual if mean_residual > 0 else 0.0
 
-    def _residual(self, centred: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(centred @ self.null_space.to(centred.device), dim=1)
+    def _residual(self, f: Features) -> Tensor:
+        """||(x - u) N|| = ||(x - s_c) N + (s_c - u) N|| for each row's predicted class c."""
+        x = f.penultimate
+        dtype = compute_dtype(x, self._products)
+        pred = f.logits.argmax(1).to(x.device)
+        shifts, null_space = self.shifts.to(x.device, dtype), self._null_space_products.to(x.device, dtype)
+        projected = f64((x.to(dtype) - shifts[pred]) @ null_space) + self.offsets.to(x.device)[pred]
+        return torch.linalg.vector_norm(projected, dim=1)
 
     def _score(self, f: Features) -> Tensor:
-        return self.alpha * self._residual(self._centred(f)) - torch.logsumexp(f64(f.logits), 1)
-
-
+        return self.alpha * self._residual(f) - torch.logsumexp(f64(f.logits), 1)
