@@ -270,7 +270,8 @@ def main(argv: list[str]) -> None:
     evaluations = [load_evaluation(run_dir) for run_dir in cfg.evaluations]
     check_distinct(evaluations)
 
-    tags = {"disttrain.method": ",".join(dict.fromkeys(ev.method for ev in evaluations)),  # what it compares
+    ranked = sorted(evaluations, key=Evaluation.model_rank)  # what it compares, in the tables' order
+    tags = {"disttrain.method": ",".join(dict.fromkeys(ev.method for ev in ranked)),
             "disttrain.dataset": ",".join(dict.fromkeys(ev.benchmark for ev in evaluations))}
     with start_run(cfg, tags=tags) as run:
         summary: dict[str, Any] = {}

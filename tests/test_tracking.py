@@ -293,7 +293,8 @@ def mlflow_down(monkeypatch: pytest.MonkeyPatch):
 
     with monkeypatch.context() as patch, pytest.warns(RuntimeWarning, match="metrics are kept in"):
         for name in ("get_experiment_by_name", "create_experiment", "create_run", "get_run", "update_run",
-                     "log_batch", "log_artifact", "set_terminated"):
+                     "log_batch", "log_artifact", "set_terminated", "log_inputs", "create_logged_model",
+                     "search_logged_models", "log_model_artifacts", "finalize_logged_model", "log_outputs"):
             patch.setattr(MlflowClient, name, down)
         yield
 
@@ -566,3 +567,45 @@ def test_the_watermark_counts_every_event_when_two_threads_log(store, tmp_path, 
     tracker.finish()
     assert json.loads((tmp_path / "tracking" / "sync.json").read_text())["synced"] == len(record(tmp_path)) == 42
     assert "already in sync" in mlflow_sync(tmp_path, capsys)
+
+
+def test_inputs_and_a_model_logged_offline_reach_the_run_with_the_sync(store, tmp_path, monkeypatch, capsys):
+    """Dataset inputs, the logged model (and its registration) and the description go through the
+    record like metrics: an outage loses none of them, a second sync repeats none."""
+    from safetensors.torch import save_file
+
+    from disttrain.models.cards import build_network, classifier_card
+    from disttrain.runtime.saved import load_logged_model
+
+    client, experiment = store
+    run_dir = tmp_path / "run"
+    model_dir = run_dir / "model"
+    model_dir.mkdir(parents=True)
+    card = classifier_card({"name": "resnet10t", "drop_rate": 0.0, "stem": "small"}, 3, ["a", "b", "c"], 8, 8,
+                           stage="train_classifier")
+    files.write_json(model_dir / "model.json", card.to_dict())
+    network = build_network(card).eval()
+    save_file(network.state_dict(), model_dir / "model.safetensors")
+    tracker = Tracker(run_dir / "tracking", experiment, "stage", system_metrics=True)
+    assert tracker._monitor is not None  # on while online
+    with mlflow_down(monkeypatch):
+        tracker.log_dataset("train: demo/train", "0123456789abcdef", "/data/demo/train", "training",
+                            {"num_samples": 10})
+        tracker.log_model(model_dir, ["model.safetensors", "model.json"], register_as=f"{experiment}-model")
+        tracker.set_tags({"mlflow.note.content": "a stage. Result: fine."})
+        tracker.finish()
+    assert f"run {tracker.run_id} (FINISHED)" in mlflow_sync(run_dir, capsys)
+    run = client.get_run(tracker.run_id)
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest, dataset.tags[0].value) == \
+        ("train: demo/train", "0123456789abcdef", "training")
+    assert run.data.tags["mlflow.note.content"] == "a stage. Result: fine."
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    loaded, loaded_card = load_logged_model(f"runs:/{tracker.run_id}/model")
+    images = torch.randn(2, 3, 8, 8)
+    assert loaded_card == card and torch.equal(loaded(images), network(images))
+    assert [v.run_id for v in client.search_model_versions(f"name = '{experiment}-model'")] == [tracker.run_id]
+    experiment_id = run.info.experiment_id
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "already in sync" in mlflow_sync(run_dir, capsys)
+    assert len(client.search_logged_models([experiment_id])) == 1
