@@ -255,7 +255,7 @@ class _Sender:
             run.info.experiment_id, name=name, source_run_id=self.run_id, tags=entry.get("tags") or {},
             params={k: str(v)[:_MAX_PARAM_LEN] for k, v in (entry.get("params") or {}).items()},
             model_type="disttrain")
-        if str(model.status) not in ("READY", "LoggedModelStatus.READY"):
+        if model.status != "READY":  # a new one, or one a cut-short send left PENDING: upload and finalise
             import shutil
             import tempfile
 
