@@ -295,7 +295,7 @@ def main(argv: list[str]) -> None:
             summary = {"evaluations": len(evaluations), "benchmarks": len({ev.benchmark for ev in evaluations}),
                        "table5_rows": len(paper5.rows), "files": [path.name for path in written]}
         best = max(rows, key=lambda row: row["auroc"]) if run.is_main and rows else None
-        run.finish(summary, step=0, headline=f"{len(evaluations)} evaluations; best mean AUROC {best['auroc']:.4f} "
+        run.finish(summary, step=0, headline=f"{len(evaluations)} evaluation(s); best mean AUROC {best['auroc']:.4f} "
                                              f"({best['method']} on {best['dataset']})" if best else "")
         run.print_summary({"table 5": str(run.run_dir / "table5.md"), "table 6": str(run.run_dir / "table6.md"),
                            "table 1": str(run.run_dir / "table1.md")})

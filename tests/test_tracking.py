@@ -171,6 +171,7 @@ def test_pipeline_parent_run_with_nested_stage_runs_on_a_server(mlflow_server, l
     # the parent: what the pipeline ran, and the report's headline
     top = client.get_run(parent)
     assert top.info.status == "FINISHED" and top.data.tags["mlflow.note.content"].startswith("Pipeline demo-pipeline")
+    assert "Result: 1 evaluation(s); best mean AUROC" in top.data.tags["mlflow.note.content"]
     assert top.data.params["pipeline.preset"] == "debug" and top.data.params["pipeline.methods"] == "standard,oe"
     assert top.data.params["pipeline.stages"] == "train_classifier,finetune_oe,evaluate,report"
     assert [k for k in top.data.metrics if k.startswith("headline/")] and \

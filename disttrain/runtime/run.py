@@ -527,8 +527,8 @@ class Run:
         if self.is_main:
             files.write_json(self.run_dir / "summary.json", summary)
             self.tracker.log_artifact(self.run_dir / "summary.json")
-            headline = headline or ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
-                                             if k.startswith("eval/") and isinstance(v, (int, float)))
+            headline = headline or ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k.startswith("eval/")
+                                             and "damaged" not in k and isinstance(v, (int, float)))
             self.tracker.set_tags({DESCRIPTION_TAG: self._describe(headline or f"finished at step {step}")})
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         self.status.set("finished", **{**numbers, "step": step})

@@ -581,6 +581,10 @@ def _summarise_pipeline(client: Any, parent: Any, children: list[Any]) -> None:
                 if name == "headline.json":  # an MLflow table, as on the report's run
                     client.set_tag(parent.info.run_id, "mlflow.loggedArtifacts",
                                    json.dumps([{"path": name, "type": "table"}]))
+        result = report.data.tags.get(DESCRIPTION_TAG, "").partition(" Result: ")[2]
+        if result:  # the description ends with the report's result, as a stage's does
+            client.set_tag(parent.info.run_id, DESCRIPTION_TAG,
+                           f"{parent.data.tags.get(DESCRIPTION_TAG, '')} Result: {result}")
 
 
 # --------------------------------------------------------------------------- mlflow-sync
