@@ -16,6 +16,12 @@ the tracker keeps the local record and never contacts MLflow.
   on. It refuses while the stage is alive (its tracker owns N). A process of the stage that reaches
   MLflow sends what earlier ones left undelivered the same way, before its own events.
 
+What the record holds beyond metrics, params, tags and artifacts is sent the same way: dataset
+inputs (`dataset`: name, digest, source) and the stage's saved model (`model`: its files become an
+MLflow logged model of the run, `runs:/<run id>/model`, registered when asked); a resent model
+event completes the logged model it made. MLflow's system metrics are the exception: sampled live
+by MLflow's own monitor while the tracker is online, never recorded, so a stage run offline has none.
+
 A record written before sync.json existed is synced from line 0 into its run: what the old tracker
 delivered is sent again; a metric may then appear twice (MLflow's SQL stores drop only a row
 identical in value, step and timestamp).
@@ -293,11 +299,19 @@ def _register(client: Any, name: str, model: Any, run_id: str) -> None:
     try:
         client.create_registered_model(name)
     except MlflowException as err:
+        if err.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "PERMISSION_DENIED"):
+            _note(f"the model is logged but not registered as {name!r}: {str(err).splitlines()[0][:300]}")
+            return
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     if any(v.run_id == run_id for v in client.search_model_versions(f"name = '{name}'")):
         return
-    client.create_model_version(name, source=model.artifact_location, run_id=run_id, model_id=model.model_id)
+    try:
+        client.create_model_version(name, source=model.artifact_location, run_id=run_id, model_id=model.model_id)
+    except MlflowException as err:  # refused for good (a name the registry rejects): never stall the syncs to come
+        if err.error_code not in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "PERMISSION_DENIED"):
+            raise
+        _note(f"the model is logged but not registered as {name!r}: {str(err).splitlines()[0][:300]}")
 
 
 # --------------------------------------------------------------------------- trackers
