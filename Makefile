@@ -29,9 +29,12 @@ demo_data/demo.json: | $(STAMP)
 # Standard model -> OE and MixupOE fine-tuning on the demo's outlier pool -> evaluation of all
 # three (held-out species, textures, noise, ID/texture interpolations) -> the paper's tables
 DEMO_METHODS := oe mixup_oe
+comma := ,
+space := $(empty) $(empty)
 demo: $(STAMP) demo_data/demo.json
 	mkdir -p runs
-	parent=$$($(BIN)/disttrain pipeline start demo) && export DISTTRAIN_PARENT_RUN_ID=$$parent && \
+	parent=$$($(BIN)/disttrain pipeline start demo --preset demo \
+	  --methods standard,$(subst $(space),$(comma),$(DEMO_METHODS))) && export DISTTRAIN_PARENT_RUN_ID=$$parent && \
 	$(LAUNCH2) recipes/train_classifier.py --preset demo && \
 	for m in $(DEMO_METHODS); do \
 	  $(LAUNCH2) recipes/finetune_oe.py --preset demo method=$$m run_dir=runs/finetune_oe/demo-$$m || exit 1; done && \
@@ -49,7 +52,8 @@ CMG_METHODS := cmg_softmax cmg_energy
 CMG_EVAL := --preset demo scorers=[msp] ood=[demo_data/holdout,demo_data/far_ood] interpolate=[]
 demo-cmg: $(STAMP) demo_data/demo.json
 	mkdir -p runs
-	parent=$$($(BIN)/disttrain pipeline start cmg-demo) && export DISTTRAIN_PARENT_RUN_ID=$$parent && \
+	parent=$$($(BIN)/disttrain pipeline start cmg-demo --preset demo \
+	  --methods standard,$(subst $(space),$(comma),$(CMG_METHODS))) && export DISTTRAIN_PARENT_RUN_ID=$$parent && \
 	if ! grep -qs '"finished"' runs/train_classifier/demo/status.json; then \
 	  $(LAUNCH2) recipes/train_classifier.py --preset demo || exit 1; fi && \
 	$(LAUNCH2) recipes/train_cvae.py --preset demo && \

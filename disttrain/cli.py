@@ -44,7 +44,8 @@ def _pipeline(args: argparse.Namespace) -> None:
     from disttrain.runtime import tracking
 
     if args.action == "start":
-        print(tracking.start_pipeline(args.name, experiment=args.experiment))
+        known = {"preset": args.preset, "methods": args.methods, "seeds": args.seeds, "stages": args.stages}
+        print(tracking.start_pipeline(args.name, experiment=args.experiment, params=known))
     else:
         times = tracking.end_pipeline(args.name, status=args.status)
         stages = {key.split("/", 1)[1]: value for key, value in times.items() if key.startswith("stage_wall_clock_s/")}
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("name", help="start: the pipeline's name; end: the parent run id")
     p.add_argument("--experiment", default="disttrain")
     p.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    for option, what in (("preset", "the stages' preset"), ("methods", "the methods compared, comma-separated"),
+                         ("seeds", "the training seeds, comma-separated"), ("stages", "the stages, comma-separated")):
+        p.add_argument(f"--{option}", default="", help=f"start: {what}, a param of the parent run (`pipeline end` "
+                       f"fills in, from the stage runs, what is not given)")
     p.set_defaults(fn=_pipeline)
 
     from disttrain import data_cli

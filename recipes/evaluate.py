@@ -20,6 +20,7 @@ set, for recipes/report.py), plots/ (ROC, PR, score densities), summary.json -- 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,7 +28,7 @@ import torch
 
 from disttrain import config, files
 from disttrain.config import ConfigError, EvaluateConfig
-from disttrain.data.shards import DataError
+from disttrain.data.shards import MANIFEST, DataError
 from disttrain.data.sources import EvalSource, interpolated_source, open_source
 from disttrain.data.stream import check_damage
 from disttrain.data.transforms import eval_transform
@@ -71,7 +72,17 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"fit={cfg.fit!r} is the ID test set: scorers must fit on the ID training split")
     fit_set = open_source(cfg.fit, image_size) if detector.fit_passes else None
 
-    with start_run(cfg) as run:
+    model_cfg = Path(source_dir) / "config.json"
+    model_root = json.loads(model_cfg.read_text()).get("config", {}).get("data.root", "") if model_cfg.is_file() else ""
+    tags = {"disttrain.method": card.method or "standard",  # what the evaluated model is, and its ID data
+            "disttrain.dataset": Path(model_root or Path(cfg.id).parent).name}
+    with start_run(cfg, model_card=card, tags=tags) as run:
+        for context, source in [("fit", fit_set), ("evaluation", id_set), *(("evaluation", s) for s in ood_sets)]:
+            if source is not None:
+                manifest = Path(source.spec) / MANIFEST
+                run.log_dataset("id" if source is id_set else "fit" if context == "fit" else "ood", source.spec,
+                                context, json.loads(manifest.read_text()) if manifest.is_file() else None,
+                                source.num_samples)
         # -- the frozen detector: never prepared, the same weights on every rank ------------------
         detector.keep_outputs_on_device = run.world_size == 1  # features, fit and scores stay on the device
         detector.setup(run.device)
@@ -133,6 +144,7 @@ def main(argv: list[str]) -> None:
                           for set_name, values in by_set.items()}
             for path in [*write_tables(rows, run.run_dir), files.write_npz(run.run_dir / "scores.npz", per_sample)]:
                 run.save_artifact(path)
+            run.log_table(rows, "results_table.json")  # the UI's table view, comparable across evaluate runs
             if cfg.plots:
                 for path in write_plots(scores, id_set.name, run.run_dir / "plots"):
                     run.save_artifact(path, "plots")
@@ -144,9 +156,20 @@ def main(argv: list[str]) -> None:
             if any(damaged.values()):
                 run.print("skipped damaged images: " + ", ".join(f"{name} {count}" for name, count in damaged.items()
                                                                  if count))
-        run.finish(summary, step=0)
+        run.finish(summary, step=0, headline=headline(summary, rows if run.is_main else []))
         run.print_summary({"id_accuracy": summary.get("id_accuracy", float("nan")),
                            "table": str(run.run_dir / "results.md")})
+
+
+def headline(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """ID accuracy and, per scorer, the mean AUROC and FPR95 over the OOD sets: the run's description ends so."""
+    by_scorer: dict[str, list[dict]] = {}
+    for row in rows:
+        by_scorer.setdefault(row["scorer"], []).append(row)
+    parts = [f"ID accuracy {summary.get('id_accuracy', float('nan')):.4f}"] if summary else []
+    parts += [f"{name}: mean AUROC {sum(r['auroc'] for r in rs) / len(rs):.4f}, mean FPR95 "
+              f"{sum(r['fpr95'] for r in rs) / len(rs):.4f} over {len(rs)} OOD sets" for name, rs in by_scorer.items()]
+    return "; ".join(parts)
 
 
 def damage_of(source: EvalSource, per_rank: list[dict[str, int]], max_bad_fraction: float) -> int:

@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
     num_id = train_split.num_classes
     extra = CMGSoftmax.extra_outputs if cfg.method == "cmg_softmax" else 0
 
-    with start_run(cfg) as run:
+    with start_run(cfg, model_card=card) as run:  # its params: the model it fine-tunes
         if cfg.strategy == "frozen" and run.params_sharded:
             raise ConfigError("strategy=frozen trains one linear layer: run it with DDP or DeepSpeed ZeRO-1/2, "
                               "not FSDP / ZeRO-3")

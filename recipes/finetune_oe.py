@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     method_params = dataclasses.asdict(getattr(cfg, cfg.method))
     objective = build_objective(cfg.method, train_split.num_classes, **method_params)
 
-    with start_run(cfg) as run:
+    with start_run(cfg, model_card=card) as run:  # its params: the model it fine-tunes
         # -- build ---------------------------------------------------------------------------
         if card is None:
             model = build_classifier(num_outputs=train_split.num_classes, image_size=data.image_size,

@@ -30,7 +30,7 @@ import numpy as np
 
 from disttrain import config
 from disttrain.config import ConfigError, ReportConfig
-from disttrain.ood.paper_tables import SeedRun, density_grid, table1, table5, table6, write_table
+from disttrain.ood.paper_tables import SeedRun, density_grid, density_per_ood, table1, table5, table6, write_table
 from disttrain.runtime import entrypoint, read_status, start_run
 from disttrain.runtime.saved import saved_model_card
 
@@ -202,6 +202,29 @@ def table6_cells(evaluations: list[Evaluation]) -> tuple[dict[tuple[str, str], l
     return cells, columns
 
 
+def headline_rows(cells: dict[tuple[str, str], list[SeedRun]]) -> list[dict[str, Any]]:
+    """Table 5 in one number per metric: per (D_in, method row), the mean over its seeds and OOD sets."""
+    rows = []
+    for (benchmark, label), runs in cells.items():
+        results = [row for run in runs for row in run.by_ood.values()]
+        rows.append({"dataset": benchmark, "method": label, "seeds": len(runs),
+                     "ood_sets": len({ood for run in runs for ood in run.by_ood}),
+                     "auroc": float(np.mean([r["auroc"] for r in results])),
+                     "fpr95": float(np.mean([r["fpr95"] for r in results])),
+                     "aupr_out": float(np.mean([r["aupr_out"] for r in results])),
+                     "id_accuracy": float(np.mean([run.accuracy for run in runs]))})
+    return rows
+
+
+def headline_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """`headline/<D_in>/<method>/<metric>`, in the characters MLflow allows in a metric name."""
+    def safe(text: str) -> str:
+        return re.sub(r"[^\w.\- ]", "_", text.replace("(", "").replace(")", ""))
+
+    return {f"headline/{safe(row['dataset'])}/{safe(row['method'])}/{key}": row[key] for row in rows
+            for key in ("auroc", "fpr95", "aupr_out", "id_accuracy")}
+
+
 # --------------------------------------------------------------------------- densities
 
 
@@ -219,15 +242,19 @@ def write_densities(evaluations: list[Evaluation], scorer: str, out_dir: Path,
         by_benchmark.setdefault(benchmark, {})[label] = scores
     if not by_benchmark:
         return []
+    # one readable figure per OOD set and benchmark (densities/), beside the paper's grid
+    per_ood = [path for benchmark, rows in by_benchmark.items()
+               for path in density_per_ood(rows, scorer, out_dir / "densities" / _file_safe(benchmark),
+                                           title=f"D_in = {benchmark}")]
     if len({ev.benchmark for ev in evaluations}) == 1:
         (benchmark, rows), = by_benchmark.items()
-        return [density_grid(rows, scorer, out_dir / "densities.png", title=f"D_in = {benchmark}")]
+        return [density_grid(rows, scorer, out_dir / "densities.png", title=f"D_in = {benchmark}"), *per_ood]
     every = {f"{benchmark}: {label}": scores for benchmark, rows in by_benchmark.items()
              for label, scores in rows.items()}
     paths = [density_grid(every, scorer, out_dir / "densities.png")]
     paths += [density_grid(rows, scorer, out_dir / f"densities_{_file_safe(benchmark)}.png",
                            title=f"D_in = {benchmark}") for benchmark, rows in by_benchmark.items()]
-    return paths
+    return paths + per_ood
 
 
 def _file_safe(name: str) -> str:
@@ -243,7 +270,10 @@ def main(argv: list[str]) -> None:
     evaluations = [load_evaluation(run_dir) for run_dir in cfg.evaluations]
     check_distinct(evaluations)
 
-    with start_run(cfg) as run:
+    ranked = sorted(evaluations, key=Evaluation.model_rank)  # what it compares, in the tables' order
+    tags = {"disttrain.method": ",".join(dict.fromkeys(ev.method for ev in ranked)),
+            "disttrain.dataset": ",".join(dict.fromkeys(ev.benchmark for ev in evaluations))}
+    with start_run(cfg, tags=tags) as run:
         summary: dict[str, Any] = {}
         if run.is_main:
             cells = table5_cells(evaluations, cfg.standard_scorers, run.print)
@@ -254,13 +284,19 @@ def main(argv: list[str]) -> None:
                        *write_table(paper1, run.run_dir, "table1", json_too=True)]
             if cfg.plots:
                 written += write_densities(evaluations, cfg.density_scorer, run.run_dir, run.print)
-            for path in written:
-                run.save_artifact(path)
+            for path in written:  # densities/<D_in>/<OOD set>.png keep their folder in MLflow
+                run.save_artifact(path, str(path.parent.relative_to(run.run_dir)) if path.parent != run.run_dir
+                                  else None)
             run.print(f"\nTable 5 (mixupoe.txt)\n\n{paper5.markdown()}\n\nTable 6 (mixupoe.txt)\n\n"
                       f"{paper6.markdown()}\n\nTable 1 (cmg.txt)\n\n{paper1.markdown()}")
+            rows = headline_rows(cells)
+            run.log(headline_metrics(rows), 0)
+            run.log_table(rows, "headline.json")  # `disttrain pipeline end` copies it, and the metrics, to the parent
             summary = {"evaluations": len(evaluations), "benchmarks": len({ev.benchmark for ev in evaluations}),
                        "table5_rows": len(paper5.rows), "files": [path.name for path in written]}
-        run.finish(summary, step=0)
+        best = max(rows, key=lambda row: row["auroc"]) if run.is_main and rows else None
+        run.finish(summary, step=0, headline=f"{len(evaluations)} evaluation(s); best mean AUROC {best['auroc']:.4f} "
+                                             f"({best['method']} on {best['dataset']})" if best else "")
         run.print_summary({"table 5": str(run.run_dir / "table5.md"), "table 6": str(run.run_dir / "table6.md"),
                            "table 1": str(run.run_dir / "table1.md")})
 

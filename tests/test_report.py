@@ -137,8 +137,20 @@ def test_tables_densities_and_artifacts(tmp_path, evaluations):
     assert "| D_in | Method | seeds | holdout | far_ood |" in proc.stdout and "Table 6" in proc.stdout
 
     run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
-    logged = {a.path for a in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").list_artifacts(run_id)}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    logged = {a.path for a in client.list_artifacts(run_id)}
     assert {"table5.md", "table5.csv", "table5.json", "table6.md", "table6.csv", "densities.png"} <= logged
+    # one readable figure per OOD set; the headline (mean over seeds and OOD sets) as metrics and an MLflow table
+    assert {a.path for a in client.list_artifacts(run_id, "densities/cub")} == {"densities/cub/holdout.png",
+                                                                                 "densities/cub/far_ood.png"}
+    run = client.get_run(run_id)
+    assert run.data.metrics["headline/cub/MSP/auroc"] == pytest.approx((0.91 + 0.97) / 2)
+    assert run.data.metrics["headline/cub/OE fine-tune/fpr95"] == pytest.approx((0.31 + 0.04) / 2)
+    assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": "headline.json", "type": "table"}]
+    headline = json.loads((out / "headline.json").read_text())
+    assert headline["columns"][:2] == ["dataset", "method"] and len(headline["data"]) == 4
+    assert run.data.tags["disttrain.method"] == "standard,oe,mixup_oe"
+    assert not [key for key in run.data.params if key.startswith("runtime.")]
 
 
 @pytest.mark.slow  # end to end: most of it is MLflow creating its store

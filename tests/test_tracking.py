@@ -20,10 +20,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from disttrain import cli, files
 from disttrain.runtime.liveness import StatusFile
+from disttrain.runtime.run import dataset_digest
 from disttrain.runtime.tracking import Tracker, start_pipeline
 from tests.conftest import VENV_BIN, free_port
 
@@ -80,29 +82,102 @@ def disttrain_cli(*args: str, env: dict) -> str:
 
 
 @pytest.mark.slow
-def test_pipeline_parent_run_with_nested_stage_runs_on_a_server(mlflow_server, launch, demo_root):
+def test_pipeline_parent_run_with_nested_stage_runs_on_a_server(mlflow_server, launch, demo_root, monkeypatch):
+    """A small pipeline (Standard -> OE fine-tuning -> evaluate -> report) as `mlflow ui` shows it: a
+    model-training experiment, runs that say what they are, params that are the truth (against the
+    saved cards and configs), the model logged and loadable, dataset inputs, system metrics, and the
+    report's headline on the parent run."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
-    parent = disttrain_cli("pipeline", "start", "demo-pipeline", "--experiment", "ci", env=env)
-    stage_env = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "DISTTRAIN_PARENT_RUN_ID": parent}
-    for name in ("stage-a", "stage-b"):
-        done = launch("train_classifier.py", "--preset", "debug", f"data.root={demo_root}", "tracking.experiment=ci",
-                      f"tracking.run_name={name}", nproc=1, run_dir=demo_root.parent / f"run-{name}", env=stage_env)
+    parent = disttrain_cli("pipeline", "start", "demo-pipeline", "--experiment", "ci", "--preset", "debug", env=env)
+    stage_env = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "DISTTRAIN_PARENT_RUN_ID": parent,
+                 "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
+    run_dirs = {name: demo_root.parent / f"run-{name}" for name in ("standard", "oe", "evaluate", "report")}
+    stages = {
+        "standard": ("train_classifier.py", "--preset", "debug", f"data.root={demo_root}",
+                     "tracking.register_as=ci-standard"),
+        "oe": ("finetune_oe.py", "--preset", "debug", f"data.root={demo_root}", f"outliers.root={demo_root}/outliers",
+               f"standard={run_dirs['standard']}", "method=oe", "train.max_steps=2"),
+        "evaluate": ("evaluate.py", "--preset", "debug", f"model={run_dirs['oe']}", f"id={demo_root}/test",
+                     f"ood=[{demo_root}/holdout,noise:gaussian:64]", "scorers=[msp]", "plots=false"),
+        "report": ("report.py", f"evaluations=[{run_dirs['evaluate']}]", "plots=false"),
+    }
+    for name, (recipe, *args) in stages.items():
+        done = launch(recipe, *args, "tracking.experiment=ci", f"tracking.run_name={name}", nproc=1,
+                      run_dir=run_dirs[name], env=stage_env)
         assert done.returncode == 0, done.output[-3000:]
         assert "failed" not in done.output.lower()
     disttrain_cli("pipeline", "end", parent, env=env)
 
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name("ci")
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.info.run_name for r in children) == ["stage-a", "stage-b"]
-    assert client.get_run(parent).info.status == "FINISHED"
-    for child in children:
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    assert "mlflow.note.content" in experiment.tags
+    children = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id],
+                                                                f"tags.mlflow.parentRunId = '{parent}'")}
+    assert sorted(children) == sorted(stages)
+    cards = {name: json.loads((run_dirs[name] / "model" / "model.json").read_text()) for name in ("standard", "oe")}
+    for name, child in children.items():
+        tags, params = child.data.tags, child.data.params
         assert child.info.status == "FINISHED"
-        assert child.data.params["model.name"] == "resnet10t" and child.data.tags["disttrain.stage"] == "train_classifier"
-        history = client.get_metric_history(child.info.run_id, "train/loss")
-        assert [m.step for m in history] == [2, 4, 6]
-        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"config.json", "summary.json", "model"} <= artifacts
+        stage = json.loads((run_dirs[name] / "config.json").read_text())["stage"]
+        assert tags["disttrain.stage"] == stage and tags["mlflow.note.content"].startswith(stage)
+        assert "Result:" in tags["mlflow.note.content"]
+        assert tags["disttrain.seed"] == "0" and tags["disttrain.world_size"] == "1"
+        assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"].startswith("recipes/")
+        assert tags["mlflow.user"] and len(tags.get("mlflow.source.git.commit", "")) == 40
+        # params: the resolved config as the stage ran it, set values never empty
+        assert params["tracking.parent_run_id"] == parent and params["tracking.run_name"] == name
+        config = json.loads((run_dirs[name] / "config.json").read_text())["config"]
+        for key, value in config.items():
+            if key in params and not key.startswith(("tracking.", "model.")):
+                assert params[key] == str(value), key
+    assert {children[n].data.tags["disttrain.method"] for n in stages} == {"standard", "oe"}
+    assert children["standard"].data.tags["disttrain.preset"] == "debug"
+    assert children["standard"].data.tags["disttrain.dataset"] == demo_root.name
+    # a fine-tuned model logs the model it trains (the Standard's card), and only its method's section
+    oe = children["oe"].data.params
+    assert oe["model.name"] == cards["standard"]["arguments"]["name"] == cards["oe"]["arguments"]["name"]
+    assert oe["model.from_stage"] == "train_classifier" and "model.pretrained" not in oe
+    assert "oe.beta" in oe and not [k for k in oe if k.startswith(("mixup_oe.", "energy_oe."))]
+    assert not [k for k in children["report"].data.params if k.startswith("runtime.")]
+    assert "runtime.ema_decay" not in children["evaluate"].data.params
+
+    # the final weights as an MLflow model, registered, loadable back: the same predictions
+    from disttrain.runtime.saved import load_logged_model, load_saved_classifier
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    logged, card = load_logged_model(f"runs:/{children['standard'].info.run_id}/model")
+    saved, _ = load_saved_classifier(run_dirs["standard"])
+    images = torch.randn(4, 3, card.image_size, card.image_size)
+    assert card.to_dict() == cards["standard"] and torch.equal(logged(images), saved(images))
+    assert [v.run_id for v in client.search_model_versions("name = 'ci-standard'")] == \
+        [children["standard"].info.run_id]
+    # dataset inputs: the splits read, by their manifests' digests
+    inputs = {(i.dataset.name, i.tags[0].value): i.dataset for i in children["oe"].inputs.dataset_inputs}
+    train_manifest = json.loads((demo_root / "train" / "manifest.json").read_text())
+    assert inputs[(f"train: {demo_root.name}/train", "training")].digest == dataset_digest(train_manifest, "")
+    assert (f"outliers: {demo_root.name}/outliers", "training") in inputs
+    contexts = sorted(i.tags[0].value for i in children["evaluate"].inputs.dataset_inputs)
+    assert contexts == ["evaluation"] * 3
+    # system metrics; data counters only as totals when nothing was damaged; results as an MLflow table
+    standard_metrics = children["standard"].data.metrics
+    assert any(key.startswith("system/cpu") for key in standard_metrics)
+    assert "data/total/served_samples" in standard_metrics and "data/corrupt_samples" not in standard_metrics
+    evaluate = children["evaluate"]
+    assert json.loads(evaluate.data.tags["mlflow.loggedArtifacts"]) == [{"path": "results_table.json",
+                                                                       "type": "table"}]
+    assert "results_table.json" in {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+
+    # the parent: what the pipeline ran, and the report's headline
+    top = client.get_run(parent)
+    assert top.info.status == "FINISHED" and top.data.tags["mlflow.note.content"].startswith("Pipeline demo-pipeline")
+    assert "Result: 1 evaluation(s); best mean AUROC" in top.data.tags["mlflow.note.content"]
+    assert top.data.params["pipeline.preset"] == "debug" and top.data.params["pipeline.methods"] == "standard,oe"
+    assert top.data.params["pipeline.stages"] == "train_classifier,finetune_oe,evaluate,report"
+    assert [k for k in top.data.metrics if k.startswith("headline/")] and \
+        top.data.metrics[f"headline/{demo_root.name}/OE fine-tune/auroc"] == \
+        children["report"].data.metrics[f"headline/{demo_root.name}/OE fine-tune/auroc"]
+    assert {"headline.json", "table5.md"} <= {a.path for a in client.list_artifacts(parent)}
 
 
 @pytest.mark.slow
@@ -219,7 +294,8 @@ def mlflow_down(monkeypatch: pytest.MonkeyPatch):
 
     with monkeypatch.context() as patch, pytest.warns(RuntimeWarning, match="metrics are kept in"):
         for name in ("get_experiment_by_name", "create_experiment", "create_run", "get_run", "update_run",
-                     "log_batch", "log_artifact", "set_terminated"):
+                     "log_batch", "log_artifact", "set_terminated", "log_inputs", "create_logged_model",
+                     "search_logged_models", "log_model_artifacts", "finalize_logged_model", "log_outputs"):
             patch.setattr(MlflowClient, name, down)
         yield
 
@@ -492,3 +568,45 @@ def test_the_watermark_counts_every_event_when_two_threads_log(store, tmp_path, 
     tracker.finish()
     assert json.loads((tmp_path / "tracking" / "sync.json").read_text())["synced"] == len(record(tmp_path)) == 42
     assert "already in sync" in mlflow_sync(tmp_path, capsys)
+
+
+def test_inputs_and_a_model_logged_offline_reach_the_run_with_the_sync(store, tmp_path, monkeypatch, capsys):
+    """Dataset inputs, the logged model (and its registration) and the description go through the
+    record like metrics: an outage loses none of them, a second sync repeats none."""
+    from safetensors.torch import save_file
+
+    from disttrain.models.cards import build_network, classifier_card
+    from disttrain.runtime.saved import load_logged_model
+
+    client, experiment = store
+    run_dir = tmp_path / "run"
+    model_dir = run_dir / "model"
+    model_dir.mkdir(parents=True)
+    card = classifier_card({"name": "resnet10t", "drop_rate": 0.0, "stem": "small"}, 3, ["a", "b", "c"], 8, 8,
+                           stage="train_classifier")
+    files.write_json(model_dir / "model.json", card.to_dict())
+    network = build_network(card).eval()
+    save_file(network.state_dict(), model_dir / "model.safetensors")
+    tracker = Tracker(run_dir / "tracking", experiment, "stage", system_metrics=True)
+    assert tracker._monitor is not None  # on while online
+    with mlflow_down(monkeypatch):
+        tracker.log_dataset("train: demo/train", "0123456789abcdef", "/data/demo/train", "training",
+                            {"num_samples": 10})
+        tracker.log_model(model_dir, ["model.safetensors", "model.json"], register_as=f"{experiment}-model")
+        tracker.set_tags({"mlflow.note.content": "a stage. Result: fine."})
+        tracker.finish()
+    assert f"run {tracker.run_id} (FINISHED)" in mlflow_sync(run_dir, capsys)
+    run = client.get_run(tracker.run_id)
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest, dataset.tags[0].value) == \
+        ("train: demo/train", "0123456789abcdef", "training")
+    assert run.data.tags["mlflow.note.content"] == "a stage. Result: fine."
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    loaded, loaded_card = load_logged_model(f"runs:/{tracker.run_id}/model")
+    images = torch.randn(2, 3, 8, 8)
+    assert loaded_card == card and torch.equal(loaded(images), network(images))
+    assert [v.run_id for v in client.search_model_versions(f"name = '{experiment}-model'")] == [tracker.run_id]
+    experiment_id = run.info.experiment_id
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "already in sync" in mlflow_sync(run_dir, capsys)
+    assert len(client.search_logged_models([experiment_id])) == 1

@@ -78,6 +78,8 @@ class ReportConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     STAGE: typing.ClassVar[str] = "report"
+    # not tracked: the report reads files and draws tables, no network runs under a runtime setting
+    UNTRACKED: typing.ClassVar[tuple[str, ...]] = ("runtime.", "resolved.strategy", "resolved.grad_accum_steps")
 
     def validate(self) -> None:
         if not self.evaluations:

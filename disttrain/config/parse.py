@@ -141,6 +141,7 @@ def build(cls: type, preset: str | None = None, overrides: dict[str, Any] | None
     _check_ranges(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
+    cfg.PRESET = preset or ""  # not a field: tracking tags the run with it
     return cfg
 
 

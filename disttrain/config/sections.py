@@ -86,6 +86,8 @@ class TrackingConfig:
     run_name: str = ""  # empty: the stage name and the run dir's name
     parent_run_id: str = ""  # the pipeline's parent run; also read from DISTTRAIN_PARENT_RUN_ID
     enabled: bool = True
+    system_metrics: bool = True  # MLflow's CPU / memory / GPU sampler on the run (rank 0's host), while online
+    register_as: str = ""  # also register the stage's saved model in the MLflow model registry under this name
 
 
 

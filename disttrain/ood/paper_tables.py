@@ -250,3 +250,37 @@ def density_grid(rows: dict[str, dict[str, np.ndarray]], scorer: str, path: Path
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def density_per_ood(rows: dict[str, dict[str, np.ndarray]], scorer: str, out_dir: Path, title: str = "") -> list[Path]:
+    """What `density_grid` shows, one figure per OOD set (out_dir/<set>.png): a panel per model with
+    its ID density and that set's overlaid, large enough to read in MLflow's artifact preview."""
+    oods = list(dict.fromkeys(name for by_set in rows.values() for name in list(by_set)[1:]))
+    values, (lo, hi), xlabel = density_values(rows, scorer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ood in oods:
+        shown = {label: by_set for label, by_set in values.items() if ood in by_set}
+        columns = min(len(shown), 3)
+        lines = -(-len(shown) // columns)
+        fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), squeeze=False, sharex=True)
+        for ax in axes.flat[len(shown):]:
+            ax.set_axis_off()
+        for ax, (label, by_set) in zip(axes.flat, shown.items()):
+            id_name = next(iter(by_set))
+            ax.hist(np.clip(by_set[id_name], lo, hi), bins=DENSITY_BINS, range=(lo, hi), density=True,
+                    color="tab:blue", alpha=0.6, label=f"ID: {id_name}")
+            ax.hist(np.clip(by_set[ood], lo, hi), bins=DENSITY_BINS, range=(lo, hi), density=True,
+                    color="tab:orange", alpha=0.6, label=f"OOD: {ood}")
+            ax.set_title(label, fontsize=10)
+            ax.set(xlabel=xlabel, ylabel="density")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{title + ': ' if title else ''}ID vs {ood}", fontsize=12)
+        fig.tight_layout()
+        path = out_dir / (re.sub(r"[^\w-]", "_", ood) + ".png")
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+    return written

@@ -160,6 +160,7 @@ class TrainLoop:
         self.eval_fn = eval_fn
         self.data_counters = data_counters  # e.g. damaged samples skipped by the readers; summed over ranks
         self.data_totals: dict[str, float] = {}  # the last sum over ranks
+        self._logged_data: dict[str, float] = {}  # data counters as last logged
         self.data_names = data_names or {}
         data_cfg = getattr(run.cfg, "data", None)
         self.max_bad_fraction = getattr(data_cfg, "max_bad_fraction", 1.0)
@@ -358,7 +359,8 @@ class TrainLoop:
             for guard in guards:
                 guard.remove()
         bar.close()
-        self._count_data()
+        if self._count_data():  # the data counters' final values, once (`data/total/*`): the summary in the run
+            self.run.log({f"data/total/{name}": value for name, value in self.data_totals.items()}, self.state.step)
         # the final state is on disk before the final evaluation: if that fails (a damaged test
         # image, a crash), resuming skips straight to it instead of training again
         final = self._save(final=True)
@@ -430,6 +432,15 @@ class TrainLoop:
                          self.data_names.get(prefix) or prefix.rstrip("_") or "the training data")
         return self.data_totals
 
+    def _changed_data(self, totals: dict[str, float]) -> dict[str, float]:
+        """The damaged-sample counters that changed since they were last logged (from 0): a chart
+        appears only where a stream skipped something, not as a zero line at every step. Samples
+        served grow every step and are logged once, at the end (`data/total/*`)."""
+        changed = {f"data/{name}": value for name, value in totals.items()
+                   if not name.endswith("served_samples") and value != self._logged_data.get(name, 0)}
+        self._logged_data.update({name[len("data/"):]: value for name, value in changed.items()})
+        return changed
+
     def _after_step(self, bar: tqdm, total: int, steps_per_epoch: int) -> None:
         state = self.state
         state.step += 1
@@ -442,7 +453,7 @@ class TrainLoop:
             metrics = {**self.stats.reduce(), **self.perf.reduce(),
                        **{self._metric(phase, "lr"): phase.optimizer.param_groups[0]["lr"] for phase in self.phases},
                        "train/epoch": state.step / steps_per_epoch, "train/skipped_steps": state.skipped_steps}
-            metrics.update({f"data/{name}": value for name, value in self._count_data().items()})
+            metrics.update(self._changed_data(self._count_data()))
             if self.data_counters is None:
                 self.run.update_status(step=state.step)
             self.run.log(metrics, state.step)

@@ -23,6 +23,7 @@ import shutil
 import socket
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +40,7 @@ from disttrain.runtime.checkpoint import META, Checkpointer, complete_checkpoint
 from disttrain.runtime.exits import PREEMPTED_EXIT_CODE
 from disttrain.runtime.liveness import (RunLock, StatusFile, StopRequested, Watchdog, launched_by_a_launcher,
                                         read_status)
-from disttrain.runtime.tracking import PARENT_ENV, NullTracker, Tracker
+from disttrain.runtime.tracking import DESCRIPTION_TAG, PARENT_ENV, NullTracker, Tracker, source_tags
 
 if TYPE_CHECKING:
     from disttrain.models.cards import ModelCard
@@ -48,9 +49,16 @@ __all__ = ["PREEMPTED_EXIT_CODE", "Run", "read_status", "start_run"]
 
 
 class Run:
-    def __init__(self, cfg: Any):
+    """`model_card`: the card of a saved model the stage starts from (its params then say what it
+    trains, not the config's model.*); `tags`: what the recipe knows better than the config (the
+    method, the dataset of an evaluated model)."""
+
+    def __init__(self, cfg: Any, model_card: ModelCard | None = None, tags: dict[str, str] | None = None):
         self.cfg = cfg
         self.stage = cfg.STAGE
+        self.model_card = model_card
+        self.extra_tags = dict(tags or {})
+        self._tables: list[dict[str, str]] = []  # MLflow tables logged (the mlflow.loggedArtifacts tag)
         self._started = time.perf_counter()
         batch = getattr(cfg, "batch", None)  # absent for stages that train nothing
         self.accelerator = build_accelerator(cfg.runtime, batch)
@@ -193,13 +201,16 @@ class Run:
         parent = self.cfg.tracking.parent_run_id or os.environ.get(PARENT_ENV, "")
         resume_id = info.get("mlflow_run_id", "") if self.resume_from else ""
         name = self.cfg.tracking.run_name or f"{self.stage}:{self.run_dir.name}"
+        self.tags = self._tags()
+        self.description = self._describe()
         tracker = Tracker(self.run_dir / "tracking", self.cfg.tracking.experiment, name, parent_run_id=parent,
-                          resume_run_id=resume_id, tags={"disttrain.stage": self.stage,
-                                                         "disttrain.run_dir": str(self.run_dir)},
-                          use_mlflow=self.cfg.tracking.enabled, resuming=self.resume_from is not None)
+                          resume_run_id=resume_id, tags={**self.tags, DESCRIPTION_TAG: self.description},
+                          use_mlflow=self.cfg.tracking.enabled, resuming=self.resume_from is not None,
+                          system_metrics=self.cfg.tracking.system_metrics)
         config_path = self.run_dir / "config.json"
-        params = {**config_lib.to_dict(self.cfg), "resolved.world_size": self.world_size,
-                  "resolved.grad_accum_steps": self.grad_accum_steps, "resolved.strategy": self.strategy}
+        params = tracked_params(self.cfg, self.model_card, run_name=name, parent_run_id=parent,
+                                resolved={"world_size": self.world_size, "grad_accum_steps": self.grad_accum_steps,
+                                          "strategy": self.strategy})
         if self.resume_from is None:  # a resumed stage's run has them (a changed value would be refused)
             tracker.log_params(params)
         tracker.log_artifact(config_path)
@@ -208,6 +219,36 @@ class Run:
                     tracking_uri=getattr(tracker, "uri", ""), started=info.get("started", time.time()))
         files.write_json(info_path, info)
         return tracker
+
+    def _tags(self) -> dict[str, str]:
+        """What tells a run apart in the runs table: stage, method, dataset, preset, seed, world size,
+        and MLflow's own source / user / commit tags."""
+        cfg, card = self.cfg, self.model_card
+        method = getattr(cfg, "method", "") or (card.method if card is not None else "") or \
+            ("standard" if self.stage == "train_classifier" else "")
+        data = getattr(cfg, "data", None)
+        dataset = Path(data.root).name if data is not None and getattr(data, "root", "") else ""
+        script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+        source = (f"{script.parent.name}/{script.name}" if script and script.parent.name == "recipes" else
+                  str(script or self.stage))
+        tags = {"disttrain.stage": self.stage, "disttrain.run_dir": str(self.run_dir), "disttrain.method": method,
+                "disttrain.dataset": dataset, "disttrain.preset": getattr(cfg, "PRESET", ""),
+                "disttrain.seed": str(cfg.runtime.seed), "disttrain.world_size": str(self.world_size),
+                **source_tags(source), **self.extra_tags}
+        return {k: str(v) for k, v in tags.items() if v != ""}
+
+    def _describe(self, result: str = "") -> str:
+        """The run's one-paragraph description (the UI's "Description"): what ran on what, and how it ended."""
+        tags = self.tags
+        what = f"{self.stage}" + (f" ({tags['disttrain.method']})" if "disttrain.method" in tags else "")
+        data = f" on {tags['disttrain.dataset']}" if "disttrain.dataset" in tags else ""
+        model = ""
+        if self.model_card is not None:
+            model = (f", with the {self.model_card.arguments.get('name', self.model_card.architecture)} "
+                     f"saved by {self.model_card.stage or 'an earlier stage'}")
+        preset = f", preset {tags['disttrain.preset']}" if "disttrain.preset" in tags else ""
+        return (f"{what}{data}{model}{preset}; seed {self.cfg.runtime.seed}, {self.world_size} process(es) "
+                f"({self.strategy}). Run dir: {self.run_dir}." + (f" Result: {result}." if result else ""))
 
     # -- training plumbing --------------------------------------------------------------------
 
@@ -403,6 +444,35 @@ class Run:
                                  f"data.{name}.num_classes": len(manifest["classes"]),
                                  f"data.{name}.excluded_classes": ",".join(map(str, excluded))[:500] or "none"})
         self.tracker.log_artifact(manifest_path, f"data/{name}")
+        self.log_dataset(name, Path(manifest_path).parent, "training", manifest)
+
+    def log_dataset(self, name: str, source: str | Path, context: str, manifest: dict | None = None,
+                    num_samples: int | None = None) -> None:
+        """A dataset input of the run (MLflow's Datasets): a shard split by its manifest's digest,
+        anything else (an image folder, noise:...) by its spec and size."""
+        profile = {"num_samples": manifest["num_samples"], "num_classes": len(manifest.get("classes", [])),
+                   "num_shards": len(manifest.get("shards", []))} if manifest else {"num_samples": num_samples}
+        title = f"{Path(str(source)).parent.name}/{Path(str(source)).name}" if manifest else str(source)
+        self.tracker.log_dataset(f"{name}: {title}", dataset_digest(manifest, str(source), num_samples),
+                                 str(source), context, profile)
+
+    def log_table(self, rows: list[dict[str, Any]], file_name: str) -> Path:
+        """`rows` as an MLflow table (what `mlflow.log_table` writes: JSON, pandas' split layout), which the
+        UI shows in the run's artifacts and compares across runs (the experiment's "Evaluation" view);
+        written to run_dir/file_name, logged like any artifact (rank 0)."""
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+
+        def cell(value: Any) -> Any:
+            if isinstance(value, float) and value != value:
+                return None  # NaN is not JSON
+            return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+        path = files.write_json(self.run_dir / file_name,
+                                {"columns": columns, "data": [[cell(row.get(c)) for c in columns] for row in rows]})
+        self.tracker.log_artifact(path)
+        self._tables.append({"path": file_name, "type": "table"})
+        self.tracker.set_tags({"mlflow.loggedArtifacts": json.dumps(self._tables)})
+        return path
 
     def save_model(self, model: torch.nn.Module, card: ModelCard, ema: torch.nn.Module | None = None) -> Path:
         """Full (unsharded) weights into run_dir/model/ for the next stage, with their card (this
@@ -428,6 +498,11 @@ class Run:
             os.replace(tmp, out)
             files.fsync_dir(self.run_dir)
             self.tracker.log_artifact(out / "model.json", "model")
+            weights = ["model.safetensors", "model.json"] + (["ema.safetensors"] if ema is not None else [])
+            self.tracker.log_model(out, weights, register_as=self.cfg.tracking.register_as,
+                                   params={f"card.{k}": v for k, v in card.arguments.items()},
+                                   tags={"disttrain.stage": self.stage, "disttrain.method": card.method or "",
+                                         "disttrain.architecture": card.architecture})
         self.accelerator.wait_for_everyone()
         return out
 
@@ -443,14 +518,18 @@ class Run:
             lines.append(f"  {'look at it':<26} {ui}")
         self.print("\n".join(lines))
 
-    def finish(self, summary: dict[str, Any], step: int) -> None:
+    def finish(self, summary: dict[str, Any], step: int, headline: str = "") -> None:
         """Close the stage; adds `stage_wall_clock_s` (this process's time in the stage, model
-        loading to the end) to `summary` and to the tracked metrics."""
+        loading to the end) to `summary` and to the tracked metrics. `headline` ends the run's
+        description (default: the final evaluation's metrics in `summary`)."""
         summary["stage_wall_clock_s"] = time.perf_counter() - self._started
         self.log({"stage_wall_clock_s": summary["stage_wall_clock_s"]}, step)
         if self.is_main:
             files.write_json(self.run_dir / "summary.json", summary)
             self.tracker.log_artifact(self.run_dir / "summary.json")
+            headline = headline or ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k.startswith("eval/")
+                                             and "damaged" not in k and isinstance(v, (int, float)))
+            self.tracker.set_tags({DESCRIPTION_TAG: self._describe(headline or f"finished at step {step}")})
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         self.status.set("finished", **{**numbers, "step": step})
         self.tracker.finish("FINISHED")
@@ -478,8 +557,56 @@ class Run:
         self._close()
 
 
-def start_run(cfg: Any) -> Run:
-    return Run(cfg)
+def start_run(cfg: Any, model_card: ModelCard | None = None, tags: dict[str, str] | None = None) -> Run:
+    return Run(cfg, model_card, tags)
+
+
+# runtime fields of training only: a stage that trains nothing does not log them
+_TRAINING_ONLY = ("runtime.grad_clip", "runtime.nonfinite", "runtime.max_skipped_steps", "runtime.ema_decay",
+                  "runtime.log_every", "runtime.eval_every", "runtime.zero_stage", "runtime.deepspeed_config",
+                  "runtime.channels_last", "resolved.grad_accum_steps")
+
+
+def tracked_params(cfg: Any, model_card: ModelCard | None, run_name: str, parent_run_id: str,
+                   resolved: dict[str, Any]) -> dict[str, Any]:
+    """The run's params: what the stage ran with, not what the config left at a default. The
+    resolved config (`resolved.*` added), less the sections of methods not chosen (`method`'s other
+    choices), a model it inherits described by that model's card (`model.*`), the run name and parent
+    run as used, and without what the stage does not use (`UNTRACKED` prefixes of its config class;
+    training-only runtime fields when it trains nothing)."""
+    params = {**config_lib.to_dict(cfg), **{f"resolved.{k}": v for k, v in resolved.items()},
+              "tracking.run_name": run_name, "tracking.parent_run_id": parent_run_id}
+    dropped: list[str] = list(getattr(cfg, "UNTRACKED", ()))
+    method = next((f for f in dataclasses.fields(cfg) if f.name == "method"), None)
+    if method is not None:
+        dropped += [f"{choice}." for choice in typing.get_args(typing.get_type_hints(type(cfg))["method"])
+                    if choice != cfg.method]
+    if getattr(cfg, "batch", None) is None:
+        dropped += list(_TRAINING_ONLY)
+    if model_card is not None:
+        dropped.append("model.")
+    params = {k: v for k, v in params.items() if not any(k == d or (d.endswith(".") and k.startswith(d))
+                                                          for d in dropped)}
+    if not parent_run_id:
+        params.pop("tracking.parent_run_id")
+    if model_card is not None:
+        params.update({f"model.{k}": v for k, v in model_card.arguments.items()},
+                      **{"model.architecture": model_card.architecture, "model.from_stage": model_card.stage})
+    return params
+
+
+def dataset_digest(manifest: dict | None, source: str, num_samples: int | None = None) -> str:
+    """16 hex digits: of a shard split's manifest (classes, shard names, sizes and checksums), else of
+    the source's spec and size."""
+    import hashlib
+
+    if manifest:
+        shards = [[s.get("name"), s.get("num_samples"), s.get("sha256") or s.get("size")]
+                  for s in manifest.get("shards", [])]
+        text = json.dumps({"classes": manifest.get("classes"), "shards": shards}, sort_keys=True)
+    else:
+        text = f"{source}:{num_samples}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 _COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}

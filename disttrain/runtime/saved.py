@@ -34,11 +34,15 @@ def saved_model_card(run_dir: str | Path) -> ModelCard:
 def load_saved_network(run_dir: str | Path, card: ModelCard, use_ema: bool = False) -> torch.nn.Module:
     """The network `card` describes with the weights saved beside it (safetensors: never unpickled),
     frozen and in eval mode; a clear error when the weights do not fit the card."""
+    return _load_weights(Path(run_dir) / "model", card, use_ema, str(run_dir))
+
+
+def _load_weights(model_dir: Path, card: ModelCard, use_ema: bool, where: str) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     if use_ema and not card.ema:
-        raise ConfigError(f"{run_dir} saved no EMA weights (its runtime.ema_decay was 0)")
-    weights = Path(run_dir) / "model" / ("ema.safetensors" if use_ema else "model.safetensors")
+        raise ConfigError(f"{where} saved no EMA weights (its runtime.ema_decay was 0)")
+    weights = model_dir / ("ema.safetensors" if use_ema else "model.safetensors")
     if not weights.is_file():
         raise ConfigError(f"{weights} is missing: the run dir is incomplete")
     model = build_network(card)
@@ -101,6 +105,24 @@ def predict_saved_classifier(run_dir: str | Path, data: str, batch_size: int = 6
         raise ConfigError(f"{data} has {len(source.classes)} classes, the classifier {card.num_classes}: "
                           f"rank on the test split of the classes it was trained on")
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), card
+
+
+def load_logged_model(model_uri: str, use_ema: bool = False,
+                      dst_path: str | Path | None = None) -> tuple[torch.nn.Module, ModelCard]:
+    """A model a stage logged to MLflow (`runs:/<run id>/model`, `models:/<name>/<version>`, ...):
+    its files are downloaded (into `dst_path`, else a temporary dir) and loaded like a run dir's
+    model/ -- the card from JSON, the weights from safetensors, nothing unpickled. Frozen, eval mode."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst_path or tmp)))
+        card_path = local / "model.json"
+        if not card_path.is_file():
+            raise ConfigError(f"{model_uri} holds no model.json: not a model logged by a disttrain stage")
+        card = ModelCard.from_dict(json.loads(card_path.read_text()), where=model_uri)
+        return _load_weights(local, card, use_ema, model_uri), card
 
 
 def saved_cvae_card(run_dir: str | Path) -> ModelCard:

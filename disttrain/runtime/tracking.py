@@ -16,6 +16,12 @@ the tracker keeps the local record and never contacts MLflow.
   on. It refuses while the stage is alive (its tracker owns N). A process of the stage that reaches
   MLflow sends what earlier ones left undelivered the same way, before its own events.
 
+What the record holds beyond metrics, params, tags and artifacts is sent the same way: dataset
+inputs (`dataset`: name, digest, source) and the stage's saved model (`model`: its files become an
+MLflow logged model of the run, `runs:/<run id>/model`, registered when asked); a resent model
+event completes the logged model it made. MLflow's system metrics are the exception: sampled live
+by MLflow's own monitor while the tracker is online, never recorded, so a stage run offline has none.
+
 A record written before sync.json existed is synced from line 0 into its run: what the old tracker
 delivered is sent again; a metric may then appear twice (MLflow's SQL stores drop only a row
 identical in value, step and timestamp).
@@ -39,6 +45,13 @@ from typing import Any
 from disttrain import files
 
 PARENT_ENV = "DISTTRAIN_PARENT_RUN_ID"
+# MLflow 3 opens an experiment by its kind: without it, on the GenAI overview instead of the runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+DESCRIPTION_TAG = "mlflow.note.content"  # the description the UI shows on a run's (or experiment's) page
+EXPERIMENT_DESCRIPTION = ("disttrain runs: one parent run per pipeline (`disttrain pipeline start`), one nested run "
+                          "per stage. A stage's page has its description, resolved params, dataset inputs, the "
+                          "logged model, its curves and system metrics; the pipeline's run has the report's "
+                          "headline table.")
 _MAX_PARAM_LEN = 6000
 _MAX_BATCH_METRICS = 1000  # MLflow's log_batch limits
 _MAX_BATCH_PARAMS = 100  # params, and tags
@@ -80,6 +93,19 @@ def _load_state(tracking_dir: Path, events: list[Event | None], run_id: str = ""
     recorded = [e["run_id"] for e in events if e and e["event"] == "start" and e.get("run_id")]
     state["run_id"] = state["run_id"] or run_id or info.get("mlflow_run_id") or (recorded[0] if recorded else "")
     return state
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment `name`, made if missing as a model-training experiment with a description;
+    an existing one without a kind gets it (and the description, if it has none)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={**EXPERIMENT_KIND, DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION})
+    missing = {**EXPERIMENT_KIND, DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION}
+    for key, value in missing.items():
+        if key not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def _note(text: str) -> None:
@@ -133,7 +159,7 @@ class _Sender:
 
     def send(self, index: int, entry: Event) -> None:
         senders = {"start": self._start, "params": self._params, "tags": self._tags, "artifact": self._artifact,
-                   "finish": self._finish}
+                   "dataset": self._dataset, "model": self._model, "finish": self._finish}
         if entry["event"] == "metrics":
             self._metrics([entry])
         elif entry["event"] in senders:
@@ -165,8 +191,7 @@ class _Sender:
             self.client.update_run(self.run_id, status="RUNNING")
             return
         # the stage never reached MLflow: make the run it would have made
-        exp = self.client.get_experiment_by_name(entry["experiment"])
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(entry["experiment"])
+        exp_id = experiment_id(self.client, entry["experiment"])
         tags = {k: str(v) for k, v in (entry.get("tags") or {}).items()}
         if entry.get("parent_run_id"):
             tags["mlflow.parentRunId"] = entry["parent_run_id"]
@@ -209,8 +234,84 @@ class _Sender:
             return
         self.client.log_artifact(self.run_id, str(path), entry.get("artifact_path"))
 
+    def _dataset(self, _index: int, entry: Event) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(entry["name"], entry["digest"], "local", json.dumps({"uri": entry["source"]}),
+                          profile=json.dumps(entry.get("profile") or {}))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
+                                                                             entry["context"])])])
+
+    def _model(self, index: int, entry: Event) -> None:
+        """The saved model as an MLflow logged model of the run (`runs:/<run id>/<name>`): the files of
+        the run dir's model folder as they are (safetensors and JSON, nothing pickled) beside an MLmodel
+        file; registered under `register_as` when given. Sent again after a cut, it completes the
+        model it made rather than make a second one."""
+        from mlflow.entities import LoggedModelOutput
+
+        source = self.run_dir / entry["path"]
+        if not source.is_dir():
+            _note(f"line {index + 1}: model {source} no longer exists, not sent")
+            return
+        run = self.client.get_run(self.run_id)
+        name = entry["name"]
+        made = [m for m in self.client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{name}'")
+                if m.source_run_id == self.run_id]
+        model = made[0] if made else self.client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=self.run_id, tags=entry.get("tags") or {},
+            params={k: str(v)[:_MAX_PARAM_LEN] for k, v in (entry.get("params") or {}).items()},
+            model_type="disttrain")
+        if model.status != "READY":  # a new one, or one a cut-short send left PENDING: upload and finalise
+            import shutil
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                for file in entry["files"]:
+                    shutil.copyfile(source / file, Path(tmp) / file)
+                Path(tmp, "MLmodel").write_text(_mlmodel(self.run_id, model.model_id, name, entry))
+                self.client.log_model_artifacts(model.model_id, tmp)
+            self.client.finalize_logged_model(model.model_id, "READY")
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, entry.get("step", 0))])
+        if entry.get("register_as"):
+            _register(self.client, entry["register_as"], model, self.run_id)
+
     def _finish(self, _index: int, entry: Event) -> None:
         self.client.set_terminated(self.run_id, entry.get("status") or "FINISHED", end_time=int(entry["time"] * 1000))
+
+
+def _mlmodel(run_id: str, model_id: str, name: str, entry: Event) -> str:
+    """An MLmodel file for the logged model: its files and how disttrain loads them
+    (disttrain.runtime.saved.load_logged_model); no python_function flavour, nothing to unpickle."""
+    import yaml
+
+    return yaml.safe_dump({
+        "artifact_path": name, "run_id": run_id, "model_id": model_id,
+        "utc_time_created": time.strftime("%Y-%m-%d %H:%M:%S.000000", time.gmtime(entry["time"])),
+        "flavors": {"disttrain": {"loader": "disttrain.runtime.saved.load_logged_model", "card": "model.json",
+                                  "weights": "model.safetensors", "format": "safetensors"}},
+    }, sort_keys=False)
+
+
+def _register(client: Any, name: str, model: Any, run_id: str) -> None:
+    """A version of registered model `name` for the logged model, once (a replay adds none)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "PERMISSION_DENIED"):
+            _note(f"the model is logged but not registered as {name!r}: {str(err).splitlines()[0][:300]}")
+            return
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    if any(v.run_id == run_id for v in client.search_model_versions(f"name = '{name}'")):
+        return
+    try:
+        client.create_model_version(name, source=model.artifact_location, run_id=run_id, model_id=model.model_id)
+    except MlflowException as err:  # refused for good (a name the registry rejects): never stall the syncs to come
+        if err.error_code not in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "PERMISSION_DENIED"):
+            raise
+        _note(f"the model is logged but not registered as {name!r}: {str(err).splitlines()[0][:300]}")
 
 
 # --------------------------------------------------------------------------- trackers
@@ -226,6 +327,10 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str,
+                    profile: dict[str, Any] | None = None) -> None: ...
+    def log_model(self, model_dir: str | os.PathLike, files: list[str], name: str = "model", register_as: str = "",
+                  params: dict[str, Any] | None = None, tags: dict[str, str] | None = None, step: int = 0) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -235,7 +340,7 @@ class Tracker(NullTracker):
 
     def __init__(self, local_dir: str | os.PathLike, experiment: str, run_name: str,
                  parent_run_id: str = "", resume_run_id: str = "", tags: dict[str, str] | None = None,
-                 use_mlflow: bool = True, resuming: bool = False):
+                 use_mlflow: bool = True, resuming: bool = False, system_metrics: bool = False):
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.record = self.local_dir / "metrics.jsonl"
@@ -243,6 +348,7 @@ class Tracker(NullTracker):
         self.online = False
         self._warned = False
         self._sender: _Sender | None = None
+        self._monitor: Any = None  # MLflow's system metrics monitor (CPU, memory, GPU), while online
         # the watchdog thread may tag and finish the run while the main thread logs: line numbers and
         # N under a lock, never held while MLflow is called; a line delivered before an earlier one
         # waits in `_done` until that one is delivered too
@@ -258,6 +364,8 @@ class Tracker(NullTracker):
         events.append(start)
         if use_mlflow:
             self._connect(events, state)
+        if system_metrics and self.online:
+            self._start_system_metrics(resuming)
 
     def _open_record(self) -> list[Event | None]:
         if not self.record.exists():
@@ -286,6 +394,27 @@ class Tracker(NullTracker):
         if self.online and gap > 0:
             print(f"tracking: sent {gap} events recorded while MLflow was unreachable to run {self.run_id}",
                   flush=True)
+
+    def _start_system_metrics(self, resuming: bool) -> None:
+        """MLflow's sampler of CPU, memory, disk, network (and GPU, with pynvml) in a daemon thread that
+        logs `system/*` straight to the run: live only, never recorded; on any failure it stops itself."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resuming, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as err:  # noqa: BLE001 -- psutil missing, a store that refuses: no system metrics
+            _note(f"MLflow system metrics are off ({type(err).__name__}: {err})")
+            self._monitor = None
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        # its last flush talks to MLflow: never wait on it for long (a server gone would hold the stage's end)
+        ending = threading.Thread(target=monitor.finish, daemon=True, name="system-metrics-finish")
+        ending.start()
+        ending.join(timeout=10)
 
     def _append(self, entry: Event) -> int:
         """Write one event to the record; returns its line number."""
@@ -342,22 +471,73 @@ class Tracker(NullTracker):
     def set_tags(self, tags: dict[str, str]) -> None:
         self._log({"event": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def log_dataset(self, name: str, digest: str, source: str, context: str,
+                    profile: dict[str, Any] | None = None) -> None:
+        """A dataset input of the run (MLflow's Datasets column): `context` training | evaluation | ..."""
+        self._log({"event": "dataset", "name": name, "digest": digest, "source": source, "context": context,
+                   "profile": profile or {}})
+
+    def log_model(self, model_dir: str | os.PathLike, files: list[str], name: str = "model", register_as: str = "",
+                  params: dict[str, Any] | None = None, tags: dict[str, str] | None = None, step: int = 0) -> None:
+        """`files` of `model_dir` (in the run dir) as the run's logged model `name`, registered as
+        `register_as` when given; see _Sender._model."""
+        path, run_dir = Path(model_dir).resolve(), self.local_dir.parent.resolve()
+        recorded = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
+        self._log({"event": "model", "path": str(recorded), "files": list(files), "name": name,
+                   "register_as": register_as, "params": params or {}, "tags": tags or {}, "step": step})
+
     def finish(self, status: str = "FINISHED") -> None:
+        self._stop_system_metrics()
         self._log({"event": "finish", "status": status})
 
 
 # --------------------------------------------------------------------------- pipelines
 
 
-def start_pipeline(name: str, experiment: str = "disttrain", tags: dict[str, str] | None = None) -> str:
-    """Create the parent run of a pipeline and return its id (used by `disttrain pipeline-run`)."""
+def start_pipeline(name: str, experiment: str = "disttrain", tags: dict[str, str] | None = None,
+                   params: dict[str, str] | None = None) -> str:
+    """Create the parent run of a pipeline and return its id (used by `disttrain pipeline start`);
+    `params` (preset, methods, seeds, stages: what the caller knows) become its params as `pipeline.*`."""
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     _quick_http_failure()
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    return client.create_run(exp_id, run_name=name, tags={"disttrain.kind": "pipeline", **(tags or {})}).info.run_id
+    exp_id = experiment_id(client, experiment)
+    known = {k: v for k, v in (params or {}).items() if v}
+    description = (f"Pipeline {name}" + (f" ({', '.join(f'{k} {v}' for k, v in known.items())})" if known else "")
+                   + ": one nested run per stage. When it ends (`disttrain pipeline end`) this run holds every "
+                     "stage's wall clock and, from the report stage, the headline table (metrics `headline/*`, "
+                     "artifact headline.json).")
+    run_tags = {"disttrain.kind": "pipeline", **source_tags("disttrain pipeline"), DESCRIPTION_TAG: description,
+                **(tags or {})}
+    run_id = client.create_run(exp_id, run_name=name, tags=run_tags).info.run_id
+    if known:
+        client.log_batch(run_id, params=[Param(f"pipeline.{k}", str(v)[:_MAX_PARAM_LEN]) for k, v in known.items()])
+    return run_id
+
+
+def source_tags(source_name: str) -> dict[str, str]:
+    """MLflow's own tags for who ran what from which commit ("Source", "Created by" and the commit in
+    the UI): the user, the script (`source_name`), LOCAL or JOB (under Slurm), the git commit of this
+    checkout when it is one."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.source.name": source_name, "mlflow.source.type": "JOB" if os.environ.get("SLURM_JOB_ID") else
+            "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # noqa: BLE001 -- no user name for this uid (a container)
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                                capture_output=True, timeout=10).stdout.strip()
+        if len(commit) == 40:
+            tags["mlflow.source.git.commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
 
 
 def end_pipeline(run_id: str, status: str = "FINISHED") -> dict[str, float]:
@@ -376,8 +556,49 @@ def end_pipeline(run_id: str, status: str = "FINISHED") -> dict[str, float]:
     times["pipeline/stages_s"] = sum(times.values())
     times["pipeline/elapsed_s"] = time.time() - parent.info.start_time / 1000.0
     client.log_batch(run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0) for key, value in times.items()])
+    _summarise_pipeline(client, parent, sorted(children, key=lambda child: child.info.start_time))
     client.set_terminated(run_id, status)
     return times
+
+
+def _summarise_pipeline(client: Any, parent: Any, children: list[Any]) -> None:
+    """What the pipeline ran, as the parent's params `pipeline.*` (those not given at its start), and
+    the report stage's headline (its `headline/*` metrics, headline.json) on the parent, so that one
+    page compares the methods."""
+    import tempfile
+
+    from mlflow.entities import Metric, Param
+
+    def values(tag: str) -> str:
+        return ",".join(dict.fromkeys(value for c in children for value in c.data.tags.get(tag, "").split(",")
+                                      if value))
+
+    found = {"pipeline.stages": values("disttrain.stage"), "pipeline.methods": values("disttrain.method"),
+             "pipeline.seeds": values("disttrain.seed"), "pipeline.preset": values("disttrain.preset"),
+             "pipeline.dataset": values("disttrain.dataset")}
+    new = [Param(k, v[:_MAX_PARAM_LEN]) for k, v in found.items() if v and k not in parent.data.params]
+    if new:
+        client.log_batch(parent.info.run_id, params=new)
+    for report in [c for c in children if c.data.tags.get("disttrain.stage") == "report"][-1:]:
+        now = int(time.time() * 1000)
+        headline = [Metric(k, v, now, 0) for k, v in report.data.metrics.items() if k.startswith("headline/")]
+        for chunk in _chunks(headline, _MAX_BATCH_METRICS):
+            client.log_batch(parent.info.run_id, metrics=chunk)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("headline.json", "table5.md"):
+                try:
+                    client.log_artifact(parent.info.run_id, client.download_artifacts(report.info.run_id, name, tmp))
+                except Exception as err:  # noqa: BLE001 -- a report still offline: the parent goes without
+                    _note(f"the report's {name} is not in MLflow ({type(err).__name__}); the parent run goes "
+                          f"without it")
+                    continue
+                if name == "headline.json":  # an MLflow table, as on the report's run
+                    client.set_tag(parent.info.run_id, "mlflow.loggedArtifacts",
+                                   json.dumps([{"path": name, "type": "table"}]))
+        result = report.data.tags.get(DESCRIPTION_TAG, "").partition(" Result: ")[2]
+        if result:  # the description ends with the report's result, as a stage's does
+            client.set_tag(parent.info.run_id, DESCRIPTION_TAG,
+                           f"{parent.data.tags.get(DESCRIPTION_TAG, '')} Result: {result}")
 
 
 # --------------------------------------------------------------------------- mlflow-sync
