@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 from torch import Tensor
 
 from disttrain.ood import scorers as ours_lib
@@ -201,11 +201,12 @@ def child(args) -> None:
             as64 = lambda data: None if data is None else tuple(t.double() if t.is_floating_point() else t  # noqa: E731
                                                                for t in data)
             reference = run_ours(name, as64(fit), as64(test), args, products="float64")[0].double().numpy()
-        error = np.abs(scores - reference) / np.maximum(np.abs(reference), 1e-300)
+        # relative to each score, or to the median score magnitude for scores near 0 (ViM's cross it)
+        error = np.abs(scores - reference) / np.maximum(np.abs(reference), np.median(np.abs(reference)))
         agreement = {"max_rel_error_vs_float64": float(error.max()),
                      "median_rel_error_vs_float64": float(np.median(error)),
-                     "ranks_equal_to_float64": bool((np.argsort(scores, kind="stable")
-                                                     == np.argsort(reference, kind="stable")).all())}
+                     "max_rank_shift_vs_float64": int(np.abs(rankdata(scores, method="ordinal")
+                                                              - rankdata(reference, method="ordinal")).max())}
     print(json.dumps({"fit_s": statistics.median(fit_s), "score_s": statistics.median(score_s),
                       "fit_all_s": fit_s, "score_all_s": score_s, "peak_mib": peak,
                       "data_rss_mib": base, "incr_mib": peak - base, "peak_reset": reset, "scorers_sha": SCORERS_SHA,
@@ -228,7 +229,7 @@ def measure(lib: str, name: str, args, tmp: str) -> tuple[dict, np.ndarray]:
 def agreement(ours: dict) -> str:
     if "max_rel_error_vs_float64" not in ours:
         return "-"
-    return f"{ours['max_rel_error_vs_float64']:.1e}, {'equal' if ours['ranks_equal_to_float64'] else 'DIFFER'}"
+    return f"{ours['max_rel_error_vs_float64']:.1e}, {ours['max_rank_shift_vs_float64']}"
 
 
 def main() -> None:
@@ -281,7 +282,7 @@ def main() -> None:
         print(f"WARNING: disttrain/ood/scorers/ changed during the run (sha256 {shas}): rerun", file=sys.stderr)
     header = ("scorer", "ours fit s", "theirs fit s", "ours score s", "theirs score s", "time ratio",
               "ours peak MiB (+incr)", "theirs peak MiB (+incr)", "mem ratio", "spearman", "pearson",
-              "ours vs float64: max rel err, ranks")
+              "ours vs all-float64: max rel err, max rank shift")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "skipped" in r:

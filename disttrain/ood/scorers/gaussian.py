@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from disttrain.ood.scorers.base import Features, Scorer, f64, non_negative, pooled_block_features, register
+from disttrain.ood.scorers.base import Features, Scorer, non_negative, pooled_block_features, register
 from disttrain.ood.scorers.moments import GroupedMoments, Whitening, compute_dtype, products_dtype
 
 
@@ -37,19 +37,28 @@ class _SharedGaussian:
         self.means = moments.means()[seen]  # [K_seen, D] float64
         self.whitening = Whitening(moments.scatter() / moments.total)
         self.reference = self.means.mean(0).to(moments.shifts.dtype)  # r, exactly representable in the rows' dtype
-        self.whitened_means = self.whitening(self.means - self.reference.to(torch.float64))  # nu_c [K_seen, r]
+        self.whitened_means = torch.cat(self.whitening(self.means - self.reference.to(torch.float64)), 1)  # nu_c
         del self.moments
 
     def class_means(self) -> Tensor:
         return self.means
 
     def min_distance(self, x: Tensor) -> Tensor:
-        """min_c (x - mu_c)^T P (x - mu_c) = min_c ||y - nu_c||^2, without an [N, K, D] tensor."""
+        """min_c (x - mu_c)^T P (x - mu_c) = min_c ||y - nu_c||^2, without an [N, K, D] tensor: the
+        nearest class from -2 y.nu_c + ||nu_c||^2 (cheap, [N, K]), then ||y - nu_c||^2 to it as a sum of
+        squares (no cancellation; a near-tie that picks the other class changes the distance by less
+        than the rounding of the two)."""
         dtype = compute_dtype(x, self.products)
-        y = f64(self.whitening(x.to(dtype) - self.reference.to(x.device, dtype)))
-        nu = self.whitened_means.to(x.device)
-        d = (y * y).sum(1, keepdim=True) - 2 * y @ nu.T + (nu * nu).sum(1)
-        return d.amin(1)
+        y = self.whitening(x.to(dtype) - self.reference.to(x.device, dtype))  # column blocks of y
+        nu = self.whitened_means.to(x.device, dtype)
+        blocks = [nu[:, cols] for cols in self.whitening.columns()]
+        cross = sum(y_b @ nu_b.T for y_b, nu_b in zip(y, blocks))
+        nearest = (cross.mul_(-2) + (nu * nu).sum(1)).argmin(1)
+        distance = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        for y_b, nu_b in zip(y, blocks):
+            diff = y_b - nu_b.index_select(0, nearest)  # [n, 256]: differentiable (input preprocessing)
+            distance = distance + torch.linalg.vecdot(diff, diff).to(torch.float64)
+        return distance
 
 
 @register("mahalanobis")

@@ -111,13 +111,15 @@ class ODIN(Scorer):
 class Energy(Scorer):
     """Liu et al. 2020: the free energy -T * logsumexp(logits / T)."""
 
+    score_chunk = 0  # float32 temporaries of the logits' size only, as any energy computation
+
     def __init__(self, *, temperature: float = 1.0):
         self.temperature = positive("temperature", temperature)
         super().__init__()
 
     def _score(self, f: Features) -> Tensor:
         if self.temperature == 1.0:
-            return -torch.logsumexp(native(f.logits), 1)
+            return torch.logsumexp(native(f.logits), 1).to(torch.float64).neg_()
         return -self.temperature * torch.logsumexp(native(f.logits) / self.temperature, 1)
 
 
@@ -125,8 +127,10 @@ class Energy(Scorer):
 class MaxLogit(Scorer):
     """Hendrycks et al. 2022: -max logit."""
 
+    score_chunk = 0  # nothing wider than the logits is made
+
     def _score(self, f: Features) -> Tensor:
-        return -native(f.logits).amax(1)
+        return native(f.logits).amax(1).to(torch.float64).neg_()
 
 
 @register("entropy")
@@ -138,7 +142,7 @@ class Entropy(Scorer):
 
     def _score(self, f: Features) -> Tensor:
         logp = log_softmax64(f.logits)[0]
-        return -(logp.exp() * logp).sum(1)
+        return logp.exp().mul_(logp).sum(1).neg_()
 
 
 @register("kl_matching")
@@ -168,9 +172,9 @@ class KLMatching(Scorer):
 
     def _fit_batch(self, f: Features, pass_index: int) -> None:
         logp, log_rest = log_softmax64(f.logits)
-        pred = logp.argmax(1)
+        pred = f.logits.argmax(1).to(logp.device)
         # the predicted class's entry as 1 - p_k: its template entry 1 - mean(1 - p_k) keeps its log exact
-        mass = logp.exp().scatter(1, pred[:, None], log_rest.exp()[:, None])
+        mass = logp.exp_().scatter_(1, pred[:, None], log_rest.exp()[:, None])
         if self._sums is None:
             k = mass.shape[1]
             self._sums = mass.new_zeros(k, k)
@@ -190,13 +194,14 @@ class KLMatching(Scorer):
 
     def _score(self, f: Features) -> Tensor:
         logp = log_softmax64(f.logits)[0]
+        top = f.logits.argmax(1, keepdim=True)  # the argmax of the exact float64 copy
         p = logp.exp()
-        top = logp.argmax(1)
-        others = p.scatter(1, top[:, None], 0.0)  # p_j for j != c: 1 - p_c is never formed
+        neg_entropy = (p * logp).sum(1, keepdim=True)
+        others = p.scatter_(1, top, 0.0)  # p_j for j != c: 1 - p_c is never formed
         log_t = self.log_templates.to(p.device)  # [K_seen, C]
-        log_t_top = log_t.T[top]  # [N, K_seen]: log d_kc
-        small = ((p * logp).sum(1, keepdim=True) + others.sum(1, keepdim=True) * log_t_top
-                 - others @ log_t.T)
-        return (small - log_t_top).amin(1)
+        log_t_top = log_t.T[top[:, 0]]  # [N, K_seen]: log d_kc
+        small = torch.addcmul(neg_entropy, others.sum(1, keepdim=True), log_t_top)
+        small.sub_(others @ log_t.T)  # the bracket, all of its terms small
+        return small.sub_(log_t_top).amin(1)
 
 

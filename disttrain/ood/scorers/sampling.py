@@ -27,6 +27,7 @@ class Reservoir:
         if size < 1:
             raise ValueError(f"reservoir size {size} must be >= 1")
         self.size = size
+        self.seen = 0  # rows offered so far
         self.generator = torch.Generator().manual_seed(seed)
         self.columns: tuple[Tensor, ...] = ()
         self.keys = torch.empty(0, dtype=torch.float64)
@@ -38,31 +39,46 @@ class Reservoir:
         """Offer a batch of rows. With `report`, returns (kept: bool [n], which of the batch's rows
         are in the sample now; evicted: the columns of earlier rows that left it)."""
         n, device = len(columns[0]), columns[0].device
-        fill = min(n, self.size - len(self))
-        keys = torch.rand(fill, generator=self.generator, dtype=torch.float64)
-        positions = torch.arange(fill)
-        if n > fill:  # the sample is full once the first `fill` rows are in
-            bound = max(float(self.keys.max()) if len(self) else 0.0, float(keys.max()) if fill else 0.0)
-            extra = self._entering(n - fill, bound) + fill
-            keys = torch.cat([keys, torch.rand(len(extra), generator=self.generator, dtype=torch.float64) * bound])
-            positions = torch.cat([positions, extra])
-        positions, keys = positions.to(device), keys.to(device)
-        old = len(self)
-        all_keys = torch.cat([self.keys.to(device), keys])
-        chosen = all_keys.topk(self.size, largest=False, sorted=False).indices if len(all_keys) > self.size else None
-        entering = tuple(c[positions] for c in columns)
-        merged = tuple(torch.cat(pair) for pair in zip(self.columns, entering)) if self.columns else entering
-        in_sample = torch.ones(len(all_keys), dtype=torch.bool, device=device)
-        if chosen is not None:
-            in_sample.zero_()[chosen] = True
-            merged, all_keys = tuple(c[chosen] for c in merged), all_keys[chosen]
-        before = self.columns
-        self.columns, self.keys = merged, all_keys
+        columns_before, keys_before = self.columns, self.keys
+        # the rows that enter (position in the batch, key), merged in pieces no longer than the stream
+        # seen before them: the bound falls as the stream grows, and each piece brings ~size entries
+        positions, keys = [], []
+        start = 0
+        while start < n:
+            if len(self) < self.size:
+                length = min(n - start, self.size - len(self))
+                piece = torch.arange(start, start + length)
+                piece_keys = torch.rand(length, generator=self.generator, dtype=torch.float64)
+            else:
+                length = min(n - start, max(self.seen, self.size))
+                bound = float(self.keys.max())
+                piece = self._entering(length, bound) + start
+                piece_keys = torch.rand(len(piece), generator=self.generator, dtype=torch.float64) * bound
+            piece, piece_keys = piece.to(device), piece_keys.to(device)
+            self._merge(tuple(c[piece] for c in columns), piece_keys)
+            positions.append(piece)
+            keys.append(piece_keys)
+            self.seen += length
+            start += length
         if not report:
             return None
         kept = torch.zeros(n, dtype=torch.bool, device=device)
-        kept[positions[in_sample[old:]]] = True
-        return kept, tuple(c[~in_sample[:old]] for c in before) if before else tuple(c[:0] for c in columns)
+        if positions:  # keys are distinct (float64 uniforms): a key still held is its row still held
+            entered, entered_keys = torch.cat(positions), torch.cat(keys)
+            kept[entered[torch.isin(entered_keys, self.keys)]] = True
+        if not columns_before:
+            return kept, tuple(c[:0] for c in columns)
+        left = ~torch.isin(keys_before.to(device), self.keys)
+        return kept, tuple(c[left] for c in columns_before)
+
+    def _merge(self, entering: tuple[Tensor, ...], keys: Tensor) -> None:
+        """Add rows with their keys; keep the `size` smallest keys."""
+        merged = tuple(torch.cat(pair) for pair in zip(self.columns, entering)) if self.columns else entering
+        all_keys = torch.cat([self.keys.to(keys.device), keys])
+        if len(all_keys) > self.size:
+            chosen = all_keys.topk(self.size, largest=False, sorted=False).indices
+            merged, all_keys = tuple(c[chosen] for c in merged), all_keys[chosen]
+        self.columns, self.keys = merged, all_keys
 
     def _entering(self, n: int, bound: float) -> Tensor:
         """Positions in [0, n) of the rows whose key would fall below `bound`: geometric gaps."""
