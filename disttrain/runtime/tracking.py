@@ -558,7 +558,17 @@ def end_pipeline(run_id: str, status: str = "FINISHED") -> dict[str, float]:
     client.log_batch(run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0) for key, value in times.items()])
     _summarise_pipeline(client, parent, sorted(children, key=lambda child: child.info.start_time))
     client.set_terminated(run_id, status)
+    print(f"runs table: {runs_table_url(parent.info.experiment_id)}", flush=True)
     return times
+
+
+def runs_table_url(experiment: str, tracking_uri: str = "") -> str:
+    """The experiment's runs table in the UI. MLflow 3.17's UI opens every experiment on the
+    "GenAI" side of its "GenAI | Model training" switch, whatever the experiment's kind tag says
+    (the switch is always on in that version); `workflowType=machine_learning` opens the runs."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"  # `mlflow ui`
+    return f"{base}/#/experiments/{experiment}?workflowType=machine_learning"
 
 
 def _summarise_pipeline(client: Any, parent: Any, children: list[Any]) -> None:
