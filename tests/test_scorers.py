@@ -352,6 +352,20 @@ def test_mahalanobis_matches_direct_computation_and_streaming_equals_one_batch()
         assert (np.argsort(fast) == np.argsort(want)).all()
 
 
+def test_mahalanobis_on_a_singular_covariance_is_pinvs_distance():
+    # a repeated feature column: Cholesky fails, the eigen whitening keeps pinv's quadratic form
+    x, y = _gaussian_data(6)
+    x = torch.cat([x, x[:, :1]], 1)
+    x_test = _gaussian_data(7, n=11)[0]
+    x_test = torch.cat([x_test, x_test[:, :1]], 1)
+    want = _np_mahalanobis(x.double().numpy(), y.numpy(), x_test.double().numpy())
+    scorer = scorers.get("mahalanobis", products="float64")
+    scorer.fit([Features(logits=torch.zeros(len(x), 3), penultimate=x, labels=y)])
+    assert not scorer.gaussians[0].whitening.triangular
+    got = scorer.score(Features(logits=torch.zeros(11, 3), penultimate=x_test)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_mahalanobis_blocks_sum_the_per_block_minimal_distances():
     (a, y), (b, _) = _gaussian_data(2, d=4), _gaussian_data(3, d=5)
     a_test, b_test = _gaussian_data(4, n=9, d=4)[0], _gaussian_data(5, n=9, d=5)[0]

@@ -124,7 +124,7 @@ class Whitening:
             eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
             self.map = torch.linalg.solve_triangular(lower, eye, upper=False).mT.contiguous()  # L^-T
         else:
-            values, vectors = torch.linalg.eigh(cov)
+            values, vectors = symmetric_eigh(cov)
             keep = values > cutoff * values.abs().max()
             self.map = vectors[:, keep] / values[keep].sqrt()
         self._cast: dict[tuple, Tensor] = {}
