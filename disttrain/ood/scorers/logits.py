@@ -39,20 +39,6 @@ def log_softmax64(logits: Tensor, temperature: float = 1.0,
     return (z.sub_(log_norm[:, None]) if probabilities else None), rest - log_norm
 
 
-def runner_up_weights(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """In float64, with c = argmax: d_j = z_j - z_c [N, C], the weights e^d_j with the argmax's set
-    to 0 [N, C], c [N, 1] and R = sum_{j != c} e^d_j [N]; then p_c = 1 / (1 + R) and
-    p_j = e^d_j / (1 + R), representable for a confident input until the runners-up underflow
-    (logit gaps of ~700). Differentiable. (Entropy's; KL matching keeps its log-space form, whose
-    template terms need the log-probabilities.)"""
-    d = logits.to(torch.float64, copy=True)
-    top_value, top = d.max(1, keepdim=True)
-    d.sub_(top_value)
-    weights = d.exp()
-    weights = weights.scatter(1, top, 0.0) if d.requires_grad else weights.scatter_(1, top, 0.0)
-    return d, weights, top, weights.sum(1)
-
-
 def expm1(scores: ScoreArray) -> ScoreArray:
     return torch.expm1(scores) if isinstance(scores, Tensor) else np.expm1(scores)
 
@@ -156,7 +142,12 @@ class Entropy(Scorer):
     stays ranked until the runners-up underflow (logit gaps of ~700)."""
 
     def _score(self, f: Features) -> Tensor:
-        d, weights, _, rest = runner_up_weights(f.logits)
+        d = f.logits.to(torch.float64, copy=True)
+        top_value, top = d.max(1, keepdim=True)
+        d.sub_(top_value)
+        weights = d.exp()  # e^d_j, the argmax's set to 0 (its d_c = 0 adds nothing to the second sum)
+        weights = weights.scatter(1, top, 0.0) if d.requires_grad else weights.scatter_(1, top, 0.0)
+        rest = weights.sum(1)
         return torch.log1p(rest) - (weights * d).sum(1) / (1 + rest)
 
 
